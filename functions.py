@@ -1,0 +1,267 @@
+"""The numpy engine: fully connected networks trained with PEPITA (ERIN), ERINsign, BP, FA,
+DFA or DRTP, one matrix product per layer and pass over a whole mini-batch.
+
+Conventions: rows are samples. W_l has shape (n_out, n_in) and maps post[l] to pre[l];
+post[0] is the input, post[l + 1] = f(pre[l]) * mask_l for hidden layers, post[L] the output.
+
+The published code loops over single samples and changes the weights only after every
+batch_size-th sample of an epoch, so every sample of a batch sees the same weights and the
+sum of the per-sample outer products is one matrix product (tests/test_equivalence.py checks
+this against a per-sample loop).
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from utils import ACTIVATIONS, DERIVATIVES, UsageError, check_finite, init_weight, uniform
+
+PEPITA_RULES = ("ERIN", "ERINsign")
+LEARN_TYPES = ("BP", "ERIN", "ERINsign", "FA", "DFA", "DRTP")
+UPDATE_TYPES = ("SGD", "mom", "NAG", "rmsprop", "Adam")
+MOMENTUM = 0.9
+RMSPROP_RHO, ADAM_BETA1, ADAM_BETA2, EPSILON = 0.9, 0.9, 0.999, 1e-8
+
+
+@dataclass
+class Model:
+    weights: list            # W_l, (n_out, n_in)
+    acts: list               # activation name of each layer
+    keep: float              # dropout keep probability of hidden layers
+    F: np.ndarray = None     # PEPITA projection, (n_in of the net, n_out of the net)
+    feedback: list = field(default_factory=list)  # FA/DFA/DRTP: one matrix per hidden layer
+
+    @property
+    def sizes(self):
+        return [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
+
+
+def check_architecture(sizes, acts, rule):
+    if len(acts) != len(sizes) - 1:
+        raise UsageError(f"--act_list has {len(acts)} activations for {len(sizes) - 1} "
+                         "layers; give one per layer")
+    unknown = [a for a in acts if a not in ACTIVATIONS]
+    if unknown:
+        raise UsageError(f"unknown activation {unknown[0]!r}; choose one of "
+                         f"{', '.join(ACTIVATIONS)}")
+    if rule not in PEPITA_RULES:
+        no_derivative = [a for a in acts[:-1] if a not in DERIVATIVES]
+        if no_derivative:
+            raise UsageError(f"hidden activation {no_derivative[0]} has no derivative, so "
+                             f"{rule} cannot train it; use ERIN or another activation")
+        if acts[-1] != "softmax" and acts[-1] not in DERIVATIVES:
+            raise UsageError(f"output activation {acts[-1]} has no derivative for {rule}")
+
+
+def init_model(rng, rule, sizes, acts, w_init, keep, dtype=np.float64):
+    """Weights, and the fixed random matrices of the rule, with the published inits."""
+    weights = [init_weight(rng, w_init, n_out, n_in, dtype)
+               for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+    model = Model(weights, list(acts), keep)
+    n_in, n_out = sizes[0], sizes[-1]
+    if rule in PEPITA_RULES:
+        if w_init == "he_uniform":
+            F = uniform(rng, np.sqrt(6 / n_in), (n_in, n_out), dtype)
+        elif w_init == "ones":
+            F = np.ones((n_in, n_out), dtype)
+        else:  # nok and every other init
+            F = uniform(rng, 1 / np.sqrt(n_out), (n_in, n_out), dtype)
+        model.F = F * (0.05 if rule == "ERIN" else 0.005)
+    elif rule == "FA":  # shaped like the next layer's W transposed
+        model.feedback = [uniform(rng, np.sqrt(6 / n_l) if w_init == "he_uniform"
+                                  else 1 / np.sqrt(n_next), (n_l, n_next), dtype)
+                          for n_l, n_next in zip(sizes[1:-1], sizes[2:])]
+    elif rule in ("DFA", "DRTP"):  # from the output error (DFA) or target (DRTP)
+        model.feedback = [uniform(rng, np.sqrt(6 / n_l) if w_init == "he_uniform"
+                                  else 1 / np.sqrt(n_out), (n_l, n_out), dtype)
+                          for n_l in sizes[1:-1]]
+    return model
+
+
+def draw_masks(rng, model, n):
+    """Dropout masks of the hidden layers for n samples: Bernoulli(keep) / keep."""
+    if model.keep == 1:
+        return None
+    dtype = model.weights[0].dtype
+    return [(rng.random((n, size)) < model.keep).astype(dtype) / dtype.type(model.keep)
+            for size in model.sizes[1:-1]]
+
+
+def forward(model, x, masks=None):
+    """Pre-activations of every layer and post-activations (masked) with the input first."""
+    pre, post = [], [x]
+    last = len(model.weights) - 1
+    for l, (w, act) in enumerate(zip(model.weights, model.acts)):
+        a = post[-1] @ w.T
+        h = ACTIVATIONS[act](a)
+        if masks is not None and l < last:
+            h *= masks[l]
+        pre.append(a)
+        post.append(h)
+    return pre, post
+
+
+def predict(model, x, chunk=8192):
+    return np.concatenate([forward(model, x[i:i + chunk])[1][-1]
+                           for i in range(0, len(x), chunk)])
+
+
+def accuracy(model, x, labels):
+    return float(np.mean(predict(model, x).argmax(1) == labels))
+
+
+def n_correct(y, t):
+    return int(np.count_nonzero(y.argmax(1) == t.argmax(1)))
+
+
+# ------------------------------------------------------------------------------------------
+# Learning rules: summed weight changes G_l of one mini-batch
+# ------------------------------------------------------------------------------------------
+def pepita_grads(model, x, t, masks, passes, sign=False):
+    """PEPITA: pass k sees x + F e_{k-1}; every pass after the first accumulates
+    (h_prev - h) * mask for hidden layers (the mask a second time) and e_k for the output."""
+    pre, post = forward(model, x, masks)
+    correct = n_correct(post[-1], t)
+    grads = [np.zeros_like(w) for w in model.weights]
+    for _ in range(passes - 1):
+        e = post[-1] - t
+        x_mod = x + (np.sign(e) if sign else e) @ model.F.T
+        pre, post_mod = forward(model, x_mod, masks)
+        for l in range(len(model.weights) - 1):
+            delta = post[l + 1] - post_mod[l + 1]
+            if masks is not None:
+                delta *= masks[l]
+            grads[l] += delta.T @ post_mod[l]
+        grads[-1] += (post_mod[-1] - t).T @ post_mod[-2]
+        correct += n_correct(post_mod[-1], t)
+        post = post_mod
+    return grads, correct
+
+
+def error_grads(model, x, t, masks, rule):
+    """BP, FA, DFA and DRTP: deltas from the output error, sent back through W (BP), a
+    fixed B per layer (FA), a fixed B from the output (DFA) or from the target (DRTP)."""
+    pre, post = forward(model, x, masks)
+    e = post[-1] - t
+    delta = e if model.acts[-1] == "softmax" else e * DERIVATIVES[model.acts[-1]](pre[-1])
+    grads = [None] * len(model.weights)
+    grads[-1] = delta.T @ post[-2]
+    for l in reversed(range(len(model.weights) - 1)):
+        if rule == "BP":
+            back = delta @ model.weights[l + 1]
+        elif rule == "FA":
+            back = delta @ model.feedback[l].T
+        elif rule == "DFA":
+            back = e @ model.feedback[l].T
+        else:  # DRTP
+            back = t @ model.feedback[l].T
+        delta = back * DERIVATIVES[model.acts[l]](pre[l])
+        if masks is not None:
+            delta *= masks[l]
+        grads[l] = delta.T @ post[l]
+    return grads, n_correct(post[-1], t)
+
+
+def batch_grads(model, rule, x, t, masks, passes):
+    """Summed G_l of a batch and the number of correct argmax over the passes counted."""
+    if rule in PEPITA_RULES:
+        return pepita_grads(model, x, t, masks, passes, sign=rule == "ERINsign")
+    # The other rules repeat the same pass (same weights and masks) sample_passes times
+    # and divide by batch_size * sample_passes: that is one pass divided by batch_size.
+    grads, correct = error_grads(model, x, t, masks, rule)
+    return grads, correct * passes
+
+
+def effective_batch(rule, batch_size, passes):
+    """The published divisor of the summed update (B_eff), for the grads computed here."""
+    return batch_size * (passes - 1) if rule in PEPITA_RULES else batch_size
+
+
+# ------------------------------------------------------------------------------------------
+# Optimisers: SGD and momentum as published; NAG, RMSprop, Adam with standard definitions
+# ------------------------------------------------------------------------------------------
+class Optimizer:
+    def __init__(self, kind, weights):
+        if kind not in UPDATE_TYPES:
+            raise UsageError(f"unknown --update_type {kind!r}; choose one of "
+                             f"{', '.join(UPDATE_TYPES)}")
+        self.kind = kind
+        self.step_count = 0
+        n_buffers = {"SGD": 0, "mom": 1, "NAG": 1, "rmsprop": 1, "Adam": 2}[kind]
+        self.buffers = [[np.zeros_like(w) for w in weights] for _ in range(n_buffers)]
+
+    def step(self, weights, grads, eta, scale):
+        """Change weights in place with g = grads * scale (scale = 1 / B_eff)."""
+        self.step_count += 1
+        for l, (w, g) in enumerate(zip(weights, grads)):
+            g *= scale
+            if self.kind == "SGD":
+                w -= eta * g
+            elif self.kind == "mom":        # V = 0.9 V + eta g; W -= V
+                v = self.buffers[0][l]
+                v *= MOMENTUM
+                v += eta * g
+                w -= v
+            elif self.kind == "NAG":        # V = 0.9 V + eta g; W -= 0.9 V + eta g
+                v = self.buffers[0][l]
+                v *= MOMENTUM
+                v += eta * g
+                w -= MOMENTUM * v + eta * g
+            elif self.kind == "rmsprop":    # s = rho s + (1 - rho) g^2
+                s = self.buffers[0][l]
+                s *= RMSPROP_RHO
+                s += (1 - RMSPROP_RHO) * g * g
+                w -= eta * g / (np.sqrt(s) + EPSILON)
+            else:                           # Adam with bias correction
+                m, v = self.buffers[0][l], self.buffers[1][l]
+                m *= ADAM_BETA1
+                m += (1 - ADAM_BETA1) * g
+                v *= ADAM_BETA2
+                v += (1 - ADAM_BETA2) * g * g
+                m_hat = m / (1 - ADAM_BETA1 ** self.step_count)
+                v_hat = v / (1 - ADAM_BETA2 ** self.step_count)
+                w -= eta * m_hat / (np.sqrt(v_hat) + EPSILON)
+
+
+# ------------------------------------------------------------------------------------------
+# One epoch
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Carry:
+    """Summed G of a last, partial batch: the published code adds it to the next update."""
+    grads: list = None
+
+
+def train_epoch(model, optimizer, rule, x, t, order, batch_size, passes, eta, mask_rng,
+                carry, progress=None):
+    """Train on x[order] in mini-batches; returns the training accuracy over all passes."""
+    b_eff = effective_batch(rule, batch_size, passes)
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        xb, tb = x[idx], t[idx]
+        masks = draw_masks(mask_rng, model, len(idx))
+        grads, batch_correct = batch_grads(model, rule, xb, tb, masks, passes)
+        correct += batch_correct
+        if carry.grads is not None:
+            for g, c in zip(grads, carry.grads):
+                g += c
+            carry.grads = None
+        if len(idx) == batch_size:
+            optimizer.step(model.weights, grads, eta, 1.0 / b_eff)
+            check_finite(model.weights[-1], f"batch {start // batch_size + 1}", eta)
+        else:
+            carry.grads = grads
+        if progress is not None:
+            progress.update(len(idx))
+    return correct / (len(order) * passes)
+
+
+def angle_with_F(model):
+    """Angle in degrees between flatten(W_1^T ... W_L^T) and flatten(F), and ||W_1||."""
+    product = model.weights[0].T
+    for w in model.weights[1:]:
+        product = product @ w.T
+    a, b = product.ravel(), model.F.ravel()
+    cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    return float(np.degrees(np.arccos(np.clip(cosine, -1, 1)))), float(
+        np.linalg.norm(model.weights[0]))

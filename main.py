@@ -1,0 +1,438 @@
+"""Fully connected networks trained with PEPITA (ERIN), ERINsign, BP, FA, DFA or DRTP (numpy).
+
+The paper's MNIST command (98.01% after 100 epochs; about 4.5 s per epoch here, 2 cores):
+
+    python main.py --exp_name Experiment1 --learn_type ERIN --n_runs 1 --train_epochs 100 \
+        --sample_passes 2 --n_samples all --eta 0.1 --dropout 0.9 --eta_decay --mnist \
+        --validation --batch_size 64 --update_type mom --w_init he_uniform --build auto \
+        --struct uniform --start_size 1024 --n_hlayers 1 --act_hidden relu --act_out softmax
+
+Add --data_dir ../shared/data/mnist to read local files instead of downloading.
+Results go to results/res_<settings>/ (see README.md, "Outputs").
+"""
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import functions as fn
+import utils
+from utils import DATASETS, DivergenceError, UsageError
+
+log = logging.getLogger("pepita")
+DATASET_ALIASES = {"mnist": "mn", "emnist": "emn", "fmnist": "fmn", "cifar10": "cif",
+                   "cifar100": "cif100"}
+SHORT_ALIASES = {"mnist": "-mn", "emnist": "-emn", "fmnist": "-fmn", "cifar10": "-cif",
+                 "cifar100": "-cif100"}
+DECAY_EPOCHS = (60, 90)
+MIN_ETA = 1e-6
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+def build_parser():
+    parser = utils.ArgumentParser(description=__doc__.split("\n")[0])
+    utils.add_common_arguments(parser, exp_name="expPEPITA", learn_types=fn.LEARN_TYPES,
+                               update_types=fn.UPDATE_TYPES, train_epochs=3, batch_size=64,
+                               dataset="mn")
+    add = parser.add_argument
+    add("--sample_passes", "-sp", type=utils.positive_int, default=2,
+        help="forward passes per sample (2 for ERIN, 1 for the other rules)")
+    add("--n_samples", "-ns", default="all",
+        help="'all', or N: a random contiguous slice of N training samples, also used as "
+             "the test set (an overfitting check)")
+    add("--no_shuffling", "-no_shuffling", action="store_true", help="do not shuffle")
+    add("--zeromean", "-zm", action="store_true", help="inputs in [-1, 1] instead of [0, 1]")
+    add("--deformation", "-def", action="store_true",
+        help="fresh elastic/affine distortion of the training images each epoch")
+    add("--no_test_as_val", "-notav", action="store_true",
+        help="validate on a 10%% split of the training set instead of the test set")
+    add("--continue_training", "-ct", action="store_true",
+        help="start from the weights (and F) saved in --continue_training_path")
+    add("--continue_training_path", "-ct_path", default=None,
+        help="a results folder (its weights_run0.npz) or a weights .npz file")
+    for name, code in DATASET_ALIASES.items():
+        add(f"--{name}", SHORT_ALIASES[name], dest="alias_" + code, action="store_true",
+            help=f"same as --dataset {code}")
+    add("--datadebug", "-datadebug", action="store_true",
+        help="one sample x = [1, 0, 0, 0], t = [0, 0.5]")
+    add("--plots", "-pl", action="store_true",
+        help="also save one learning-curve figure per run")
+    add("--validation", "-val", action="store_true", help="validate every epoch")
+    add("--keep_variants", "-kv", default="un", choices=("ul", "ue", "un"),
+        help="kept for the folder name only")
+    add("--build", "-build", default="auto", choices=("auto", "custom"))
+    add("--architecture", "-arch", type=utils.positive_int, nargs="+",
+        default=[784, 2000, 1500, 1000, 500, 10], help="layer sizes with --build custom")
+    add("--act_list", "-act", nargs="+", default=["tanh_ciresan"] * 4 + ["softmax"],
+        help="one activation per layer with --build custom")
+    add("--struct", "-struct", default="uniform", choices=("uniform", "pyramidal"))
+    add("--start_size", "-ss", type=utils.positive_int, default=1024,
+        help="size of the first hidden layer")
+    add("--n_hlayers", "-nh", type=int, default=2, help="number of hidden layers")
+    add("--act_hidden", "-act_h", default="relu", choices=tuple(utils.ACTIVATIONS))
+    add("--act_out", "-act_o", default="softmax", choices=tuple(utils.ACTIVATIONS))
+    add("--dtype", default="float64", choices=("float64", "float32"),
+        help="compute precision (float64 as published)")
+    return parser
+
+
+def dataset_code(args):
+    """The one dataset asked for, by --dataset, a published alias or --datadebug."""
+    chosen = [code for code in DATASETS if getattr(args, "alias_" + code, False)]
+    if args.dataset:
+        chosen.append(args.dataset)
+    if args.datadebug:
+        chosen.append("datadebug")
+    if len(set(chosen)) > 1:
+        raise UsageError(f"two datasets at once ({', '.join(sorted(set(chosen)))}); "
+                         "give only one")
+    return chosen[0] if chosen else "mn"
+
+
+def architecture(args, n_in, n_out):
+    if args.build == "custom":
+        sizes, acts = list(args.architecture), list(args.act_list)
+        if sizes[0] != n_in or sizes[-1] != n_out:
+            raise UsageError(f"--architecture {' '.join(map(str, sizes))} does not fit the "
+                             f"dataset: it needs {n_in} inputs and {n_out} outputs")
+    else:
+        if args.n_hlayers < 0:
+            raise UsageError(f"--n_hlayers must be >= 0, got {args.n_hlayers}")
+        hidden = [args.start_size // (2 ** i if args.struct == "pyramidal" else 1)
+                  for i in range(args.n_hlayers)]
+        if min(hidden, default=1) < 1:
+            raise UsageError("--struct pyramidal halves --start_size below 1 unit; use "
+                             "fewer --n_hlayers")
+        sizes = [n_in] + hidden + [n_out]
+        acts = [args.act_hidden] * args.n_hlayers + [args.act_out]
+    fn.check_architecture(sizes, acts, args.learn_type)
+    return sizes, acts
+
+
+def check_settings(args):
+    if args.learn_type in fn.PEPITA_RULES and args.sample_passes < 2:
+        raise UsageError(f"{args.learn_type} needs --sample_passes >= 2 (a second, "
+                         f"modulated pass), got {args.sample_passes}")
+    if args.check_cos_norm and args.learn_type not in fn.PEPITA_RULES:
+        raise UsageError("--check_cos_norm measures the angle with F: use it with ERIN")
+    if args.continue_training != bool(args.continue_training_path):
+        raise UsageError("--continue_training and --continue_training_path go together")
+    if args.n_samples != "all" and not (args.n_samples.isdigit() and int(args.n_samples) > 0):
+        raise UsageError(f"--n_samples must be 'all' or a positive integer, got "
+                         f"{args.n_samples!r}")
+
+
+def folder_name(args, code):
+    name = (f"res_{args.exp_name}_{args.learn_type}_{args.update_type}_{args.batch_size}_"
+            f"{args.act_hidden}_{args.w_init}_{args.keep_variants}_do{round(args.dropout * 100)}")
+    name += "_etad" if args.eta_decay else ""
+    name += f"_{code}_rep{args.n_runs}_tr{args.train_epochs}_pass{args.sample_passes}"
+    name += "_def" if args.deformation else ""
+    name += "" if args.no_test_as_val else "_tav"
+    name += "_ct" if args.continue_training else ""
+    return name
+
+
+# ------------------------------------------------------------------------------------------
+# Data: inputs scaled to [0, 1] (or [-1, 1]), flattened, one-hot targets
+# ------------------------------------------------------------------------------------------
+def load_data(args, code, data_rng, dtype):
+    """Train, validation and test sets as (x, t) pairs, and the raw train images when
+    --deformation distorts them afresh each epoch."""
+    if code == "datadebug":
+        x = np.array([[1, 0, 0, 0]], dtype)
+        t = np.array([[0, 0.5]], dtype)
+        return (x, t), (x, t), (x, t), None
+    if args.deformation and DATASETS[code]["shape"] != (28, 28, 1):
+        raise UsageError("--deformation distorts 28x28 grey images: use it with mn, fmn "
+                         "or emn")
+    if args.deformation and args.no_test_as_val:
+        raise UsageError("--deformation validates on the test set, as published: drop "
+                         "--no_test_as_val")
+    x_train, y_train, x_test, y_test = utils.load_dataset(code, args.data_dir, "keras")
+    classes = DATASETS[code]["classes"]
+    if args.n_samples != "all":
+        n = int(args.n_samples)
+        if n > len(x_train):
+            raise UsageError(f"--n_samples {n} exceeds the {len(x_train)} training samples")
+        start = int(data_rng.integers(0, len(x_train) - n + 1))
+        x_train, y_train = x_train[start:start + n], y_train[start:start + n]
+        x_test, y_test = x_train, y_train
+    if args.no_test_as_val:
+        train_idx, val_idx = validation_split(len(x_train))
+        x_val, y_val = x_train[val_idx], y_train[val_idx]
+        x_train, y_train = x_train[train_idx], y_train[train_idx]
+    else:
+        x_val, y_val = x_test, y_test
+
+    def prepare(images, labels):
+        x = images.reshape(len(images), -1).astype(dtype) / dtype(255)
+        return (2 * x - 1 if args.zeromean else x), utils.one_hot(labels, classes, dtype)
+
+    raw = x_train[..., 0] if args.deformation else None
+    test_set = prepare(x_test, y_test)
+    val_set = prepare(x_val, y_val) if args.no_test_as_val else test_set
+    return prepare(x_train, y_train), val_set, test_set, raw
+
+
+def validation_split(n, test_size=0.1, random_state=1):
+    """The indices of sklearn's train_test_split(test_size=0.1, random_state=1), as
+    published, without depending on sklearn."""
+    n_test = int(np.ceil(test_size * n))
+    permutation = np.random.RandomState(random_state).permutation(n)
+    return permutation[n_test:], permutation[:n_test]
+
+
+def deformed(raw, rng, zeromean, dtype):
+    x = utils.deform_images(raw, rng).reshape(len(raw), -1).astype(dtype)
+    return 2 * x - 1 if zeromean else x
+
+
+# ------------------------------------------------------------------------------------------
+# Weights and checkpoints (numpy .npz, loaded with allow_pickle=False)
+# ------------------------------------------------------------------------------------------
+def model_arrays(model):
+    arrays = {f"W{l}": w for l, w in enumerate(model.weights)}
+    arrays.update({f"B{l}": b for l, b in enumerate(model.feedback)})
+    if model.F is not None:
+        arrays["F"] = model.F
+    return arrays
+
+
+def save_npz(path, arrays):
+    utils.atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+
+
+def load_npz(path):
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return dict(f)
+    except (OSError, ValueError, EOFError) as err:
+        raise UsageError(f"{path} cannot be read ({err}); point to another file") from None
+
+
+def continue_from(args, model):
+    """Replace model's weights (and F) with those saved by an earlier run."""
+    path = Path(args.continue_training_path)
+    if path.is_dir():
+        path = path / "weights_run0.npz"
+    if not path.is_file():
+        raise UsageError(f"--continue_training_path: {path} does not exist; give a results "
+                         "folder holding weights_run0.npz, or a weights .npz file")
+    saved = load_npz(path)
+    for l, w in enumerate(model.weights):
+        stored = saved.get(f"W{l}")
+        if stored is None or stored.shape != w.shape:
+            raise UsageError(f"--continue_training_path: {path} holds no weights W{l} of "
+                             f"shape {w.shape}; it comes from another architecture")
+        w[...] = stored
+    if model.F is not None and saved.get("F") is not None and saved["F"].shape == model.F.shape:
+        model.F[...] = saved["F"]
+
+
+def save_checkpoint(folder, run, epoch, model, optimizer, carry, rngs, eta, history):
+    arrays = model_arrays(model)
+    arrays.update({f"opt{k}_{l}": b for k, buffers in enumerate(optimizer.buffers)
+                   for l, b in enumerate(buffers)})
+    if carry.grads is not None:
+        arrays.update({f"carry{l}": g for l, g in enumerate(carry.grads)})
+    arrays["state"] = np.array(json.dumps({
+        "run": run, "epoch": epoch, "eta": eta, "opt_steps": optimizer.step_count,
+        "rngs": {name: utils.rng_state(rng) for name, rng in rngs.items()},
+        "history": history}))
+    save_npz(Path(folder) / "checkpoint.npz", arrays)
+
+
+def restore_checkpoint(folder, model, optimizer, carry, rngs):
+    saved = load_npz(Path(folder) / "checkpoint.npz")
+    state = json.loads(str(saved["state"]))
+    for name, array in model_arrays(model).items():
+        array[...] = saved[name]
+    for k, buffers in enumerate(optimizer.buffers):
+        for l, b in enumerate(buffers):
+            b[...] = saved[f"opt{k}_{l}"]
+    optimizer.step_count = state["opt_steps"]
+    carry.grads = ([saved[f"carry{l}"] for l in range(len(model.weights))]
+                   if "carry0" in saved else None)
+    for name, rng in rngs.items():
+        utils.set_rng_state(rng, state["rngs"][name])
+    return state
+
+
+# ------------------------------------------------------------------------------------------
+# Result files: the published text files, metrics.json and learning-curve plots
+# ------------------------------------------------------------------------------------------
+def write_results(folder, args, history, seed, total_time, final=False):
+    folder = Path(folder)
+    done = len(history["final_test"])
+    for r in range(done):
+        utils.write_table(folder / f"train_acc_run{r}.txt", [[a] for a in history["train"][r]])
+        test_curve = history["test"][r] if args.validation else [history["final_test"][r]]
+        utils.write_table(folder / f"test_acc_run{r}.txt", [[a] for a in test_curve])
+    if done:
+        suffix = "" if final else f"_rep{done - 1}"
+        for key in ("train", "val", "test"):
+            rows = [row for row in history[key][:done] if row]
+            utils.write_table(folder / f"{key}_acc_tot{suffix}.txt", rows)
+    if args.check_cos_norm:
+        utils.write_table(folder / "angles.txt", history["angles"])
+        utils.write_table(folder / "Anorm.txt", history["norms"])
+    summary = {key: (float(np.mean(history[f"final_{key}"])), float(np.std(history[f"final_{key}"])))
+               for key in ("train", "val", "test") if history[f"final_{key}"]}
+    lines = [f"{k}: {v}" for k, v in sorted(vars(args).items())]
+    lines += [f"seed used: {seed}"]
+    lines += [f"final {k} accuracy: mean {m:.4f} std {s:.4f}" for k, (m, s) in summary.items()]
+    lines += [f"total time: {total_time:.1f} s"]
+    utils.write_text(folder / f"res_summary_{args.exp_name}.txt", "\n".join(lines) + "\n")
+    utils.write_json(folder / "metrics.json", {
+        "settings": vars(args), "seed": seed, "status": "finished" if final else "running",
+        "runs_finished": done, "summary": summary, "total_time_s": total_time, **history})
+    curves = {f"{k} accuracy": history[k][:max(done, 1)] for k in ("train", "val")
+              if history[k] and history[k][0]}
+    utils.plot_curves(folder / "learning_curve.png", curves, f"{args.learn_type}, "
+                      f"{args.exp_name}")
+    if args.plots:
+        for r in range(done):
+            utils.plot_curves(folder / f"learning_curve_run{r}.png",
+                              {k: [history[k][r]] for k in ("train", "val") if history[k][r]},
+                              f"{args.learn_type}, run {r}")
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+def epoch_eta(args, epoch):
+    decays = sum(epoch >= e for e in DECAY_EPOCHS) if args.eta_decay else 0
+    return max(args.eta * 0.1 ** decays, MIN_ETA) if decays else args.eta
+
+
+def new_history():
+    keys = ("train", "val", "test", "angles", "norms", "epoch_time_s")
+    return {**{k: [] for k in keys}, "final_train": [], "final_val": [], "final_test": []}
+
+
+def train(args):
+    code = dataset_code(args)
+    check_settings(args)
+    dtype = np.dtype(args.dtype).type
+    seed, data_seq, run_seqs = utils.seed_sequences(args.seed, args.n_runs)
+    folder = utils.results_folder(args, folder_name(args, code))
+    if args.resume:  # the seed of the interrupted run, so the data slice matches it too
+        state = json.loads(str(load_npz(folder / "checkpoint.npz")["state"])) \
+            if (folder / "checkpoint.npz").is_file() else None
+        if state is None:
+            raise UsageError(f"--resume: {folder} holds no checkpoint; start the run "
+                             "without --resume")
+        seed, data_seq, run_seqs = utils.seed_sequences(state["history"]["seed"], args.n_runs)
+    train_set, val_set, test_set, raw_train = load_data(
+        args, code, np.random.default_rng(data_seq), dtype)
+    sizes, acts = architecture(args, train_set[0].shape[1], train_set[1].shape[1])
+    if args.continue_training:
+        continue_from(args, fn.init_model(np.random.default_rng(0), args.learn_type, sizes,
+                                          acts, args.w_init, args.dropout, dtype))
+    utils.prepare_folder(folder, args.resume, args.overwrite)
+    log.info("%s on %s, layers %s, results in %s", args.learn_type, code, sizes, folder)
+
+    history = new_history()
+    history["seed"] = seed
+    first_run, first_epoch, resumed = 0, 0, None
+    if args.resume:
+        first_run, first_epoch = state["run"], state["epoch"] + 1
+        history = state["history"]
+        resumed = state
+    start_time = time.time() - sum(map(sum, history["epoch_time_s"]))
+    for run in range(first_run, args.n_runs):
+        init_rng, mask_rng, shuffle_rng, deform_rng = (
+            np.random.default_rng(s) for s in run_seqs[run].spawn(4))
+        rngs = {"mask": mask_rng, "shuffle": shuffle_rng, "deform": deform_rng}
+        model = fn.init_model(init_rng, args.learn_type, sizes, acts, args.w_init,
+                              args.dropout, dtype)
+        if args.continue_training:
+            continue_from(args, model)
+        optimizer = fn.Optimizer(args.update_type, model.weights)
+        carry = fn.Carry()
+        if resumed is not None and resumed["run"] == run and resumed["epoch"] >= 0:
+            restore_checkpoint(folder, model, optimizer, carry, rngs)
+        else:
+            first_epoch = 0
+            for key in ("train", "val", "test", "angles", "norms", "epoch_time_s"):
+                history[key].append([])
+            if args.check_cos_norm:
+                record_angle(history, model)
+        run_epochs(args, folder, run, first_epoch, model, optimizer, carry, rngs, history,
+                   train_set, val_set, test_set, raw_train, dtype, start_time)
+        history["final_train"].append(history["train"][run][-1])
+        history["final_val"].append(fn.accuracy(model, val_set[0], val_set[1].argmax(1)))
+        history["final_test"].append(fn.accuracy(model, test_set[0], test_set[1].argmax(1)))
+        save_npz(folder / f"weights_run{run}.npz", model_arrays(model))
+        log.info("run %d: final test accuracy %.4f", run, history["final_test"][-1])
+        write_results(folder, args, history, seed, time.time() - start_time)
+        save_checkpoint(folder, run + 1, -1, model, optimizer, carry, rngs, args.eta, history)
+    write_results(folder, args, history, seed, time.time() - start_time, final=True)
+    log.info("test accuracy %.4f +- %.4f over %d run(s), %.1f s", np.mean(history["final_test"]),
+             np.std(history["final_test"]), args.n_runs, time.time() - start_time)
+    return history
+
+
+def record_angle(history, model):
+    angle, norm = fn.angle_with_F(model)
+    history["angles"][-1].append(angle)
+    history["norms"][-1].append(norm)
+
+
+def run_epochs(args, folder, run, first_epoch, model, optimizer, carry, rngs, history,
+               train_set, val_set, test_set, raw_train, dtype, start_time):
+    x_train, t_train = train_set
+    for epoch in range(first_epoch, args.train_epochs):
+        tic = time.perf_counter()
+        eta = epoch_eta(args, epoch)
+        if raw_train is not None:
+            x_train = deformed(raw_train, rngs["deform"], args.zeromean, dtype)
+        order = (np.arange(len(x_train)) if args.no_shuffling
+                 else rngs["shuffle"].permutation(len(x_train)))
+        with tqdm(total=len(order), desc=f"run {run} epoch {epoch + 1}", leave=False,
+                  disable=None) as progress:
+            train_acc = fn.train_epoch(model, optimizer, args.learn_type, x_train, t_train,
+                                       order, args.batch_size, args.sample_passes, eta,
+                                       rngs["mask"], carry, progress)
+        utils.check_finite(np.concatenate([w.ravel() for w in model.weights]),
+                           f"the end of epoch {epoch + 1}", eta)
+        history["train"][run].append(train_acc)
+        message = f"run {run} epoch {epoch + 1}: train {train_acc:.4f}"
+        if args.validation:
+            val_acc = fn.accuracy(model, val_set[0], val_set[1].argmax(1))
+            test_acc = (val_acc if val_set is test_set
+                        else fn.accuracy(model, test_set[0], test_set[1].argmax(1)))
+            history["val"][run].append(val_acc)
+            history["test"][run].append(test_acc)
+            message += f", validation {val_acc:.4f}, test {test_acc:.4f}"
+        if args.check_cos_norm:
+            record_angle(history, model)
+        history["epoch_time_s"][run].append(time.perf_counter() - tic)
+        log.info("%s (%.1f s)", message, history["epoch_time_s"][run][-1])
+        save_checkpoint(folder, run, epoch, model, optimizer, carry, rngs, eta, history)
+        write_results(folder, args, history, history["seed"], time.time() - start_time)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse(argv)
+    utils.setup_logging(args.VERBOSE)
+    try:
+        train(args)
+    except UsageError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except DivergenceError as err:
+        parser.exit(3, f"{parser.prog}: error: {err}; the last good epoch's results and "
+                       "checkpoint are kept\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,493 @@
+"""Shared helpers of both entry scripts: activations, initialisers, datasets, the common
+command-line flags, run folders, checkpoints and result files.
+
+Nothing here trains a network: main.py/functions.py (numpy) and main_pytorch.py/models.py
+(PyTorch) do.
+"""
+import argparse
+import gzip
+import json
+import logging
+import os
+import pickle
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("pepita")
+
+DATA_DIR_ENV = "PEPITA_DATA_DIR"
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit status 2, before any folder is created."""
+
+
+class DatasetError(UsageError):
+    """A dataset that is neither local nor downloadable, or a broken dataset file."""
+
+
+class DivergenceError(Exception):
+    """Weights or outputs became NaN or infinite during training."""
+
+
+# ------------------------------------------------------------------------------------------
+# Activations and their derivatives (numpy path)
+# ------------------------------------------------------------------------------------------
+CIRESAN_A, CIRESAN_B = 1.7159, 0.6666
+
+
+def softmax(a):
+    """Softmax over the last axis, shifted by the max as published."""
+    z = np.exp(a - a.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def relu(a):
+    return np.maximum(a, 0)
+
+
+def sigm(a):
+    return 1 / (1 + np.exp(-a))
+
+
+ACTIVATIONS = {
+    "relu": relu,
+    "sigm": sigm,
+    "Lrelu": lambda a: np.where(a > 0, a, 0.1 * a),
+    "tanh": np.tanh,
+    "tanh_ciresan": lambda a: CIRESAN_A * np.tanh(CIRESAN_B * a),
+    "step_f": lambda a: (a > 0).astype(a.dtype),
+    "softmax": softmax,
+}
+
+# Derivatives f'(a) as published; step_f and softmax (as a hidden layer) have none.
+DERIVATIVES = {
+    "relu": lambda a: (a > 0).astype(a.dtype),
+    "sigm": lambda a: sigm(a) * (1 - sigm(a)),
+    "Lrelu": lambda a: np.where(a > 0, 1.0, 0.1).astype(a.dtype),
+    "tanh": lambda a: 1 - np.tanh(a) ** 2,
+    "tanh_ciresan": lambda a: CIRESAN_A * CIRESAN_B * (1 - np.tanh(CIRESAN_B * a) ** 2),
+}
+
+# ------------------------------------------------------------------------------------------
+# Initialisers: values drawn in float32 and stored in the compute dtype, as published
+# ------------------------------------------------------------------------------------------
+W_INITS = ("rnd", "zero", "ones", "xav", "he", "he_uniform", "nok", "cir")
+
+
+def uniform(rng, limit, shape, dtype=np.float64):
+    return rng.uniform(-limit, limit, shape).astype(np.float32).astype(dtype)
+
+
+def init_weight(rng, name, n_out, n_in, dtype=np.float64):
+    """One layer's weights, shape (n_out, n_in), fan_in = n_in, fan_out = n_out."""
+    shape = (n_out, n_in)
+    if name == "he_uniform":
+        return uniform(rng, np.sqrt(6 / n_in), shape, dtype)
+    if name == "he":
+        return rng.normal(0, np.sqrt(2 / n_in), shape).astype(np.float32).astype(dtype)
+    if name == "xav":
+        return uniform(rng, np.sqrt(6 / (n_in + n_out)), shape, dtype)
+    if name == "nok":
+        return uniform(rng, 1 / np.sqrt(n_in), shape, dtype)
+    if name == "cir":
+        return uniform(rng, 0.05, shape, dtype)
+    if name == "rnd":
+        return (rng.uniform(0, 1, shape) / np.sqrt(n_in)).astype(np.float32).astype(dtype)
+    if name == "zero":
+        return np.zeros(shape, dtype)
+    if name == "ones":
+        return np.ones(shape, dtype)
+    raise UsageError(f"unknown --w_init {name!r}; choose one of {', '.join(W_INITS)}")
+
+
+# ------------------------------------------------------------------------------------------
+# Datasets: local files first (IDX raw/.gz, keras-style .npz, CIFAR pickles), then download
+# ------------------------------------------------------------------------------------------
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+EMNIST_FILES = tuple(f"emnist-balanced-{name}" for name in MNIST_FILES)
+
+# code -> name, image shape (H, W, C), classes, npz name, sub-folders searched, IDX names
+DATASETS = {
+    "mn": dict(name="MNIST", shape=(28, 28, 1), classes=10, npz="mnist.npz",
+               dirs=("mnist", "MNIST/raw"), idx=MNIST_FILES),
+    "fmn": dict(name="Fashion-MNIST", shape=(28, 28, 1), classes=10, npz="fashion_mnist.npz",
+                dirs=("fashion-mnist", "fashion_mnist", "FashionMNIST/raw"), idx=MNIST_FILES),
+    "emn": dict(name="EMNIST balanced", shape=(28, 28, 1), classes=47, npz="emnist_balanced.npz",
+                dirs=("emnist", "EMNIST/raw", "gzip"), idx=EMNIST_FILES),
+    "cif": dict(name="CIFAR-10", shape=(32, 32, 3), classes=10, npz="cifar10.npz",
+                dirs=("cifar-10-batches-py",), idx=None),
+    "cif100": dict(name="CIFAR-100", shape=(32, 32, 3), classes=100, npz="cifar100.npz",
+                   dirs=("cifar-100-python",), idx=None),
+}
+
+
+def read_idx(path):
+    """Read an IDX file (raw or gzip) into a uint8 array, checking its declared size."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise DatasetError(f"{path} is truncated or corrupt ({err}); copy it again") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
+        raise DatasetError(f"{path} is not an IDX file of unsigned bytes; copy it again")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DatasetError(f"{path} holds {body.size} bytes of data, its header says "
+                           f"{int(np.prod(dims))}: the file is truncated; copy it again")
+    return body.reshape(dims)
+
+
+def _find_file(folders, name):
+    for folder in folders:
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _load_idx_set(folders, names):
+    paths = [_find_file(folders, name) for name in names]
+    if not all(paths):
+        return None
+    x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
+    return x_train, y_train, x_test, y_test
+
+
+def _load_npz(path):
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DatasetError(f"{path} is not a keras-style .npz with x_train, y_train, "
+                           f"x_test, y_test ({err})") from None
+
+
+def _unpickle(path):
+    # CIFAR's own format is a pickle: only load copies you trust (see README).
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (OSError, EOFError, pickle.UnpicklingError) as err:
+        raise DatasetError(f"{path} is truncated or corrupt ({err}); copy it again") from None
+
+
+def _cifar_images(batch):
+    return np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def _load_cifar(folders, code):
+    files = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if code == "cif"
+             else ["train", "test"])
+    label_key = "labels" if code == "cif" else "fine_labels"
+    for folder in folders:
+        if all((folder / name).is_file() for name in files):
+            batches = [_unpickle(folder / name) for name in files]
+            train, test = batches[:-1], batches[-1]
+            return (np.concatenate([_cifar_images(b) for b in train]),
+                    np.concatenate([np.asarray(b[label_key]) for b in train]),
+                    _cifar_images(test), np.asarray(test[label_key]))
+    return None
+
+
+def _expected_files(code):
+    spec = DATASETS[code]
+    if spec["idx"]:
+        listed = ", ".join(f"{n}[.gz]" for n in spec["idx"])
+    elif code == "cif":
+        listed = "cifar-10-batches-py/data_batch_1..5 and test_batch"
+    else:
+        listed = "cifar-100-python/train and test"
+    return f"{listed}, or {spec['npz']}"
+
+
+def load_local(code, data_dir):
+    """The dataset from files under data_dir, or None when they are not there."""
+    spec = DATASETS[code]
+    root = Path(data_dir)
+    folders = [root] + [root / d for d in spec["dirs"]]
+    for folder in folders:
+        if (folder / spec["npz"]).is_file():
+            return _load_npz(folder / spec["npz"])
+    if spec["idx"]:
+        return _load_idx_set(folders, spec["idx"])
+    return _load_cifar(folders, code)
+
+
+def _download_keras(code):
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+    loaders = {"mn": keras.datasets.mnist, "fmn": keras.datasets.fashion_mnist,
+               "cif": keras.datasets.cifar10, "cif100": keras.datasets.cifar100}
+    if code not in loaders:
+        return _download_torchvision(code, Path.home() / ".cache" / "pepita")
+    (x_train, y_train), (x_test, y_test) = loaders[code].load_data()
+    return x_train, y_train, x_test, y_test
+
+
+def _download_torchvision(code, root):
+    import torchvision.datasets as tvd
+    if code == "emn":
+        for train in (True, False):
+            tvd.EMNIST(root, split="balanced", train=train, download=True)
+        root = Path(root) / "EMNIST" / "raw"
+    else:
+        cls = {"mn": tvd.MNIST, "fmn": tvd.FashionMNIST, "cif": tvd.CIFAR10,
+               "cif100": tvd.CIFAR100}[code]
+        for train in (True, False):
+            cls(root, train=train, download=True)
+    return load_local(code, root)
+
+
+def load_dataset(code, data_dir=None, downloader="keras"):
+    """Load a dataset as uint8 images (N, H, W, C) and integer labels (N,).
+
+    Looks in data_dir (or $PEPITA_DATA_DIR) first and never downloads when one is given;
+    otherwise downloads through keras.datasets ("keras") or torchvision ("torchvision").
+    """
+    if code not in DATASETS:
+        raise UsageError(f"unknown dataset {code!r}; choose one of {', '.join(DATASETS)}")
+    spec = DATASETS[code]
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+    if data_dir:
+        arrays = load_local(code, data_dir)
+        if arrays is None:
+            raise DatasetError(f"{spec['name']} not found in {data_dir}: expected "
+                               f"{_expected_files(code)} there or in one of its sub-folders "
+                               f"{', '.join(spec['dirs'])}; copy them there, or drop "
+                               f"--data_dir/{DATA_DIR_ENV} to download")
+    else:
+        try:
+            arrays = (_download_keras(code) if downloader == "keras" else
+                      _download_torchvision(code, Path.home() / ".cache" / "pepita"))
+        except Exception as err:  # any download failure becomes one clear message
+            raise DatasetError(f"could not download {spec['name']} ({type(err).__name__}); "
+                               f"offline, put {_expected_files(code)} in a folder and pass "
+                               f"it as --data_dir or {DATA_DIR_ENV}") from None
+    return _check_arrays(code, *arrays)
+
+
+def _check_arrays(code, x_train, y_train, x_test, y_test):
+    spec = DATASETS[code]
+    h, w, c = spec["shape"]
+    x_train = np.asarray(x_train, np.uint8).reshape(len(x_train), h, w, c)
+    x_test = np.asarray(x_test, np.uint8).reshape(len(x_test), h, w, c)
+    y_train, y_test = (np.asarray(y, np.int64).reshape(-1) for y in (y_train, y_test))
+    if len(y_train) != len(x_train) or len(y_test) != len(x_test):
+        raise DatasetError(f"{spec['name']}: images and labels differ in number; "
+                           "copy the dataset files again")
+    return x_train, y_train, x_test, y_test
+
+
+def one_hot(labels, n_classes, dtype=np.float64):
+    return np.eye(n_classes, dtype=dtype)[labels]
+
+
+# ------------------------------------------------------------------------------------------
+# --deformation: random affine + elastic distortion of 28x28 grey images (scipy.ndimage)
+# ------------------------------------------------------------------------------------------
+def deform_images(images, rng, chunk=5000):
+    """A fresh distorted copy of (N, 28, 28) images in [0, 1]: rotation up to 10 degrees,
+    shifts of 15%, shear 0.15, zoom 15%, elastic (alpha 34, sigma 6), constant fill, then
+    min-max scaled to [0, 1] per image. Vectorised over images with map_coordinates."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+    n, h, w = images.shape
+    out = np.empty((n, h, w), np.float64)
+    rows, cols = np.meshgrid(np.arange(h) - (h - 1) / 2, np.arange(w) - (w - 1) / 2,
+                             indexing="ij")
+    for start in range(0, n, chunk):
+        batch = images[start:start + chunk].astype(np.float64)
+        m = len(batch)
+        angle = np.deg2rad(rng.uniform(-10, 10, m))[:, None, None]
+        shear = rng.uniform(-0.15, 0.15, m)[:, None, None]
+        zoom_r, zoom_c = (rng.uniform(0.85, 1.15, (2, m))[:, :, None, None])
+        shift_r, shift_c = (rng.uniform(-0.15, 0.15, (2, m))[:, :, None, None] * [[h], [w]])
+        # Output pixel -> source pixel: inverse rotation, shear and zoom about the centre.
+        r = (np.cos(angle) * rows - np.sin(angle) * cols) / zoom_r
+        c = (np.sin(angle) * rows + np.cos(angle) * cols + shear * rows) / zoom_c
+        fields = rng.uniform(-1, 1, (2, m, h, w))
+        dr, dc = (34 * gaussian_filter(f, sigma=(0, 6, 6), mode="constant") for f in fields)
+        coords = [np.broadcast_to(np.arange(m)[:, None, None], (m, h, w)),
+                  r + (h - 1) / 2 - shift_r + dr, c + (w - 1) / 2 - shift_c + dc]
+        warped = map_coordinates(batch, coords, order=1, mode="constant", cval=0.0)
+        lo = warped.min(axis=(1, 2), keepdims=True)
+        hi = warped.max(axis=(1, 2), keepdims=True)
+        out[start:start + m] = (warped - lo) / np.where(hi > lo, hi - lo, 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Command line: the flags both entry scripts share
+# ------------------------------------------------------------------------------------------
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def keep_probability(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"is the KEEP probability and must lie in (0, 1], got {text}")
+    return value
+
+
+def add_common_arguments(parser, *, exp_name, learn_types, update_types, train_epochs,
+                         batch_size, dataset):
+    """Flags that main.py and main_pytorch.py share (published names and short forms)."""
+    add = parser.add_argument
+    add("--exp_name", "-en", default=exp_name, help="experiment name (in the folder name)")
+    add("--learn_type", "-lt", default="ERIN", choices=learn_types,
+        help="learning rule (ERIN = PEPITA)")
+    add("--n_runs", "-r", type=positive_int, default=1, help="repetitions of the whole run")
+    add("--train_epochs", "-trep", type=positive_int, default=train_epochs, help="epochs")
+    add("--eta", "-eta", type=float, default=0.01, help="learning rate")
+    add("--dropout", "-do", type=keep_probability, default=0.9,
+        help="dropout KEEP probability (0.9 drops 10%%)")
+    add("--check_cos_norm", "-check_cos_norm", action="store_true",
+        help="track the angle between F and the weights' product, and the norm of W_1")
+    add("--eta_decay", "-eta_d", action="store_true", help="decay eta by 0.1 at set epochs")
+    add("--seed", "-seed", type=int, default=None,
+        help="fixes weights, F/B, dropout masks and shuffling (random when omitted; "
+             "the seed used is saved in metrics.json)")
+    add("--update_type", "-ut", default="mom", choices=update_types, help="optimiser")
+    add("--batch_size", "-bs", type=positive_int, default=batch_size, help="mini-batch size")
+    add("--w_init", "-win", default="he_uniform", choices=W_INITS, help="weight init")
+    add("--dataset", "-ds", default=None, choices=tuple(DATASETS),
+        help=f"dataset (default {dataset})")
+    add("--data_dir", default=None,
+        help=f"folder with the dataset files (no download); default ${DATA_DIR_ENV}")
+    add("--results_dir", default="results", help="where results folders are written")
+    add("--nested_folder", "-nf", default="ignore",
+        help="parent folder of the results folder inside --results_dir ('ignore' = none)")
+    add("--resume", action="store_true",
+        help="continue an interrupted run from its last complete epoch")
+    add("--overwrite", action="store_true", help="replace an existing results folder")
+    add("--VERBOSE", "-V", action="store_true", help="more output")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Exits with status 2 and a one-line message, as argparse does, for our checks too."""
+
+    def parse(self, argv=None):
+        args = self.parse_args(argv)
+        if args.resume and args.overwrite:
+            self.error("--resume and --overwrite exclude each other")
+        return args
+
+
+def setup_logging(verbose):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+def seed_sequences(seed, n_runs):
+    """The seed used (drawn when None), a SeedSequence for the data (sample slices) and one
+    independent SeedSequence per run (weights, F/B, masks, shuffling, deformation)."""
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % 2**32)
+    data_seq, *run_seqs = np.random.SeedSequence(seed).spawn(n_runs + 1)
+    return seed, data_seq, run_seqs
+
+
+def rng_state(rng):
+    return json.dumps(rng.bit_generator.state)
+
+
+def set_rng_state(rng, state):
+    rng.bit_generator.state = json.loads(state)
+
+
+# ------------------------------------------------------------------------------------------
+# Results folders, atomic writes, metrics and plots
+# ------------------------------------------------------------------------------------------
+def results_folder(args, name):
+    root = Path(args.results_dir)
+    if args.nested_folder != "ignore":
+        root = root / args.nested_folder
+    return root / name
+
+
+def prepare_folder(folder, resume, overwrite):
+    """Create the run folder; never mix with or silently replace an existing one."""
+    folder = Path(folder)
+    if resume:
+        if not any(folder.glob("checkpoint.*")):
+            raise UsageError(f"--resume: {folder} holds no checkpoint; start the run "
+                             "without --resume")
+        return folder
+    if folder.exists():
+        if not overwrite:
+            raise UsageError(f"{folder} already exists; continue it with --resume, choose "
+                             "another --exp_name, or replace it with --overwrite")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def atomic_write(path, write):
+    """Write through write(temporary_path), then rename: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path, data):
+    write_text(path, json.dumps(data, indent=1, default=float) + "\n")
+
+
+def write_table(path, rows):
+    """Rows of numbers as a whitespace-separated text file (the published format)."""
+    write_text(path, "".join(" ".join(f"{v:.6f}" for v in row) + "\n" for row in rows))
+
+
+def plot_curves(path, curves, title, ylabel="accuracy"):
+    """Learning curves {label: (runs x epochs) array}: mean over runs, with the std band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, runs in curves.items():
+        runs = np.atleast_2d(np.asarray(runs, float))
+        if runs.size == 0:
+            continue
+        epochs = np.arange(1, runs.shape[1] + 1)
+        mean, std = runs.mean(0), runs.std(0)
+        ax.plot(epochs, mean, marker="." if len(epochs) < 30 else None, label=label)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def check_finite(values, where, eta):
+    """Raise DivergenceError (with the likely cause) when values hold NaN or inf."""
+    if not np.all(np.isfinite(values)):
+        raise DivergenceError(f"NaN or infinite values at {where}: training diverged; "
+                              f"the learning rate (--eta {eta}) is likely too high")
