@@ -82,7 +82,8 @@ def draw_masks(rng, model, n):
     if model.keep == 1:
         return None
     dtype = model.weights[0].dtype
-    return [(rng.random((n, size)) < model.keep).astype(dtype) / dtype.type(model.keep)
+    return [(rng.random((n, size), dtype=np.float32) < model.keep).astype(dtype)
+            / dtype.type(model.keep)
             for size in model.sizes[1:-1]]
 
 
@@ -114,37 +115,48 @@ def n_correct(y, t):
 
 
 # ------------------------------------------------------------------------------------------
-# Learning rules: summed weight changes G_l of one mini-batch
+# Learning rules. The summed weight change of a batch, G_l = sum over samples of
+# delta_l input_l^T, is kept as its two factors (D_l, X_l), rows = samples: G_l = D_l^T X_l.
+# Factors of several passes, or of a partial batch carried over, stack along the rows, and
+# the optimiser turns them into a weight change with one matrix product per layer.
 # ------------------------------------------------------------------------------------------
-def pepita_grads(model, x, t, masks, passes, sign=False):
-    """PEPITA: pass k sees x + F e_{k-1}; every pass after the first accumulates
-    (h_prev - h) * mask for hidden layers (the mask a second time) and e_k for the output."""
-    pre, post = forward(model, x, masks)
+def stack_factors(*factor_lists):
+    return [(np.concatenate([f[l][0] for f in factor_lists]),
+             np.concatenate([f[l][1] for f in factor_lists]))
+            for l in range(len(factor_lists[0]))]
+
+
+def pepita_factors(model, x, t, masks, passes, sign=False):
+    """PEPITA: pass k sees x + F e_{k-1}; every pass after the first contributes
+    (h_prev - h) * mask for hidden layers (the mask a second time) and e_k for the output,
+    times the layer's input in that pass."""
+    post = forward(model, x, masks)[1]
     correct = n_correct(post[-1], t)
-    grads = [np.zeros_like(w) for w in model.weights]
+    per_pass = []
     for _ in range(passes - 1):
         e = post[-1] - t
         x_mod = x + (np.sign(e) if sign else e) @ model.F.T
-        pre, post_mod = forward(model, x_mod, masks)
+        post_mod = forward(model, x_mod, masks)[1]
+        factors = []
         for l in range(len(model.weights) - 1):
             delta = post[l + 1] - post_mod[l + 1]
             if masks is not None:
                 delta *= masks[l]
-            grads[l] += delta.T @ post_mod[l]
-        grads[-1] += (post_mod[-1] - t).T @ post_mod[-2]
+            factors.append((delta, post_mod[l]))
+        factors.append((post_mod[-1] - t, post_mod[-2]))
+        per_pass.append(factors)
         correct += n_correct(post_mod[-1], t)
         post = post_mod
-    return grads, correct
+    return (per_pass[0] if len(per_pass) == 1 else stack_factors(*per_pass)), correct
 
 
-def error_grads(model, x, t, masks, rule):
+def error_factors(model, x, t, masks, rule):
     """BP, FA, DFA and DRTP: deltas from the output error, sent back through W (BP), a
     fixed B per layer (FA), a fixed B from the output (DFA) or from the target (DRTP)."""
     pre, post = forward(model, x, masks)
     e = post[-1] - t
     delta = e if model.acts[-1] == "softmax" else e * DERIVATIVES[model.acts[-1]](pre[-1])
-    grads = [None] * len(model.weights)
-    grads[-1] = delta.T @ post[-2]
+    factors = [(delta, post[-2])]
     for l in reversed(range(len(model.weights) - 1)):
         if rule == "BP":
             back = delta @ model.weights[l + 1]
@@ -157,22 +169,22 @@ def error_grads(model, x, t, masks, rule):
         delta = back * DERIVATIVES[model.acts[l]](pre[l])
         if masks is not None:
             delta *= masks[l]
-        grads[l] = delta.T @ post[l]
-    return grads, n_correct(post[-1], t)
+        factors.insert(0, (delta, post[l]))
+    return factors, n_correct(post[-1], t)
 
 
-def batch_grads(model, rule, x, t, masks, passes):
-    """Summed G_l of a batch and the number of correct argmax over the passes counted."""
+def batch_factors(model, rule, x, t, masks, passes):
+    """Factors of the batch's summed G_l, and the correct argmax over the passes counted."""
     if rule in PEPITA_RULES:
-        return pepita_grads(model, x, t, masks, passes, sign=rule == "ERINsign")
+        return pepita_factors(model, x, t, masks, passes, sign=rule == "ERINsign")
     # The other rules repeat the same pass (same weights and masks) sample_passes times
     # and divide by batch_size * sample_passes: that is one pass divided by batch_size.
-    grads, correct = error_grads(model, x, t, masks, rule)
-    return grads, correct * passes
+    factors, correct = error_factors(model, x, t, masks, rule)
+    return factors, correct * passes
 
 
 def effective_batch(rule, batch_size, passes):
-    """The published divisor of the summed update (B_eff), for the grads computed here."""
+    """The published divisor of the summed update (B_eff), for the factors computed here."""
     return batch_size * (passes - 1) if rule in PEPITA_RULES else batch_size
 
 
@@ -188,20 +200,25 @@ class Optimizer:
         self.step_count = 0
         n_buffers = {"SGD": 0, "mom": 1, "NAG": 1, "rmsprop": 1, "Adam": 2}[kind]
         self.buffers = [[np.zeros_like(w) for w in weights] for _ in range(n_buffers)]
+        self.scratch = [np.empty_like(w) for w in weights]  # reused: no allocation per batch
 
-    def step(self, weights, grads, eta, scale):
-        """Change weights in place with g = grads * scale (scale = 1 / B_eff)."""
+    def step(self, weights, factors, eta, scale):
+        """Change weights in place with g_l = scale * D_l^T X_l (scale = 1 / B_eff)."""
         self.step_count += 1
-        for l, (w, g) in enumerate(zip(weights, grads)):
-            g *= scale
-            if self.kind == "SGD":
-                w -= eta * g
-            elif self.kind == "mom":        # V = 0.9 V + eta g; W -= V
-                v = self.buffers[0][l]
-                v *= MOMENTUM
-                v += eta * g
-                w -= v
-            elif self.kind == "NAG":        # V = 0.9 V + eta g; W -= 0.9 V + eta g
+        for l, (w, (delta, inputs)) in enumerate(zip(weights, factors)):
+            g = self.scratch[l]
+            if self.kind in ("SGD", "mom"):  # fold eta into the small factor: eta g
+                np.matmul((delta * (eta * scale)).T, inputs, out=g)
+                if self.kind == "SGD":      # W -= eta g
+                    w -= g
+                else:                       # V = 0.9 V + eta g; W -= V
+                    v = self.buffers[0][l]
+                    v *= MOMENTUM
+                    v += g
+                    w -= v
+                continue
+            np.matmul((delta * scale).T, inputs, out=g)
+            if self.kind == "NAG":          # V = 0.9 V + eta g; W -= 0.9 V + eta g
                 v = self.buffers[0][l]
                 v *= MOMENTUM
                 v += eta * g
@@ -227,8 +244,8 @@ class Optimizer:
 # ------------------------------------------------------------------------------------------
 @dataclass
 class Carry:
-    """Summed G of a last, partial batch: the published code adds it to the next update."""
-    grads: list = None
+    """Factors of a last, partial batch: the published code adds them to the next update."""
+    factors: list = None
 
 
 def train_epoch(model, optimizer, rule, x, t, order, batch_size, passes, eta, mask_rng,
@@ -238,19 +255,16 @@ def train_epoch(model, optimizer, rule, x, t, order, batch_size, passes, eta, ma
     correct = 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        xb, tb = x[idx], t[idx]
         masks = draw_masks(mask_rng, model, len(idx))
-        grads, batch_correct = batch_grads(model, rule, xb, tb, masks, passes)
+        factors, batch_correct = batch_factors(model, rule, x[idx], t[idx], masks, passes)
         correct += batch_correct
-        if carry.grads is not None:
-            for g, c in zip(grads, carry.grads):
-                g += c
-            carry.grads = None
+        if carry.factors is not None:
+            factors, carry.factors = stack_factors(carry.factors, factors), None
         if len(idx) == batch_size:
-            optimizer.step(model.weights, grads, eta, 1.0 / b_eff)
+            optimizer.step(model.weights, factors, eta, 1.0 / b_eff)
             check_finite(model.weights[-1], f"batch {start // batch_size + 1}", eta)
         else:
-            carry.grads = grads
+            carry.factors = factors
         if progress is not None:
             progress.update(len(idx))
     return correct / (len(order) * passes)

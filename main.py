@@ -240,8 +240,9 @@ def save_checkpoint(folder, run, epoch, model, optimizer, carry, rngs, eta, hist
     arrays = model_arrays(model)
     arrays.update({f"opt{k}_{l}": b for k, buffers in enumerate(optimizer.buffers)
                    for l, b in enumerate(buffers)})
-    if carry.grads is not None:
-        arrays.update({f"carry{l}": g for l, g in enumerate(carry.grads)})
+    if carry.factors is not None:
+        arrays.update({f"carry{k}_{l}": f for l, pair in enumerate(carry.factors)
+                       for k, f in enumerate(pair)})
     arrays["state"] = np.array(json.dumps({
         "run": run, "epoch": epoch, "eta": eta, "opt_steps": optimizer.step_count,
         "rngs": {name: utils.rng_state(rng) for name, rng in rngs.items()},
@@ -258,8 +259,8 @@ def restore_checkpoint(folder, model, optimizer, carry, rngs):
         for l, b in enumerate(buffers):
             b[...] = saved[f"opt{k}_{l}"]
     optimizer.step_count = state["opt_steps"]
-    carry.grads = ([saved[f"carry{l}"] for l in range(len(model.weights))]
-                   if "carry0" in saved else None)
+    carry.factors = ([(saved[f"carry0_{l}"], saved[f"carry1_{l}"])
+                      for l in range(len(model.weights))] if "carry0_0" in saved else None)
     for name, rng in rngs.items():
         utils.set_rng_state(rng, state["rngs"][name])
     return state

@@ -1,0 +1,220 @@
+"""The batched engine against a per-sample loop written plainly from the reference
+(pepita-reference.md, section 1): same initial weights, F/B, masks and sample order."""
+import copy
+
+import numpy as np
+import pytest
+
+import functions as fn
+
+SIZES = [12, 9, 7, 4]
+ACTS = ["relu", "tanh", "softmax"]
+
+
+# ---- the published per-sample algorithm, one sample and one pass at a time ---------------
+def act(name, a):
+    if name == "relu":
+        return np.maximum(a, 0)
+    if name == "tanh":
+        return np.tanh(a)
+    z = np.exp(a - a.max())
+    return z / z.sum()
+
+
+def act_derivative(name, a):
+    return (a > 0).astype(float) if name == "relu" else 1 - np.tanh(a) ** 2
+
+
+def sample_forward(weights, x, masks):
+    """Pre-activations and (masked) post-activations of one sample, input first."""
+    pre, post = [], [x]
+    for l, w in enumerate(weights):
+        a = w @ post[-1]
+        h = act(ACTS[l], a)
+        if l < len(weights) - 1:
+            h = h * masks[l]
+        pre.append(a)
+        post.append(h)
+    return pre, post
+
+
+def sample_update(model, rule, x, t, masks, passes):
+    """The per-sample outer products G_l of the published code, and correct argmax count."""
+    W = model.weights
+    G = [np.zeros_like(w) for w in W]
+    pre, post = sample_forward(W, x, masks)
+    correct = int(post[-1].argmax() == t.argmax())
+    if rule in ("ERIN", "ERINsign"):
+        for _ in range(passes - 1):
+            e = post[-1] - t
+            x_mod = x + model.F @ (np.sign(e) if rule == "ERINsign" else e)
+            pre_mod, post_mod = sample_forward(W, x_mod, masks)
+            for l in range(len(W) - 1):
+                delta = (post[l + 1] - post_mod[l + 1]) * masks[l]
+                G[l] += np.outer(delta, post_mod[l])
+            G[-1] += np.outer(post_mod[-1] - t, post_mod[-2])
+            correct += int(post_mod[-1].argmax() == t.argmax())
+            post = post_mod
+        return G, correct
+    e = post[-1] - t
+    delta = e
+    G[-1] += np.outer(delta, post[-2])
+    for l in reversed(range(len(W) - 1)):
+        if rule == "BP":
+            back = W[l + 1].T @ delta
+        elif rule == "FA":
+            back = model.feedback[l] @ delta
+        elif rule == "DFA":
+            back = model.feedback[l] @ e
+        else:
+            back = model.feedback[l] @ t
+        delta = back * act_derivative(ACTS[l], pre[l]) * masks[l]
+        G[l] += np.outer(delta, post[l])
+    return [g * passes for g in G], correct * passes
+
+
+class ReferenceOptimizer:
+    """SGD and momentum as published; NAG, RMSprop and Adam by their textbook formulas."""
+
+    def __init__(self, kind, weights):
+        self.kind, self.t = kind, 0
+        self.v = [np.zeros_like(w) for w in weights]
+        self.s = [np.zeros_like(w) for w in weights]
+
+    def update(self, weights, G, eta, b_eff):
+        self.t += 1
+        for l, w in enumerate(weights):
+            g = G[l] / b_eff
+            if self.kind == "SGD":
+                w -= eta * g
+            elif self.kind == "mom":
+                self.v[l] = 0.9 * self.v[l] + eta * g
+                w -= self.v[l]
+            elif self.kind == "NAG":
+                self.v[l] = 0.9 * self.v[l] + eta * g
+                w -= 0.9 * self.v[l] + eta * g
+            elif self.kind == "rmsprop":
+                self.s[l] = 0.9 * self.s[l] + 0.1 * g ** 2
+                w -= eta * g / (np.sqrt(self.s[l]) + 1e-8)
+            else:
+                self.v[l] = 0.9 * self.v[l] + 0.1 * g
+                self.s[l] = 0.999 * self.s[l] + 0.001 * g ** 2
+                m_hat = self.v[l] / (1 - 0.9 ** self.t)
+                s_hat = self.s[l] / (1 - 0.999 ** self.t)
+                w -= eta * m_hat / (np.sqrt(s_hat) + 1e-8)
+
+
+def reference_epochs(model, rule, update, x, t, orders, batch_size, passes, eta, masks):
+    """Published structure: weights change when the sample index in the epoch (from 1) is a
+    multiple of batch_size; G is not cleared at the end of an epoch."""
+    b_eff = batch_size * (passes - 1) if rule in ("ERIN", "ERINsign") else batch_size * passes
+    optimizer = ReferenceOptimizer(update, model.weights)
+    G = [np.zeros_like(w) for w in model.weights]
+    accuracies = []
+    for order, epoch_masks in zip(orders, masks):
+        correct = 0
+        for i, n in enumerate(order, start=1):
+            sample_masks = [m[i - 1] for m in epoch_masks]
+            dG, c = sample_update(model, rule, x[n], t[n], sample_masks, passes)
+            G = [g + d for g, d in zip(G, dG)]
+            correct += c
+            if i % batch_size == 0:
+                optimizer.update(model.weights, G, eta, b_eff)
+                G = [np.zeros_like(w) for w in model.weights]
+        accuracies.append(correct / (len(order) * passes))
+    return accuracies
+
+
+# ---- the comparison ----------------------------------------------------------------------
+def run_both(rule, update="mom", passes=2, keep=0.8, n=50, batch_size=8, epochs=2):
+    rng = np.random.default_rng(3)
+    x = rng.random((n, SIZES[0]))
+    t = np.eye(SIZES[-1])[rng.integers(0, SIZES[-1], n)]
+    model = fn.init_model(rng, rule, SIZES, ACTS, "he_uniform", keep)
+    reference = copy.deepcopy(model)
+    orders = [rng.permutation(n) for _ in range(epochs)]
+
+    mask_rng = np.random.default_rng(7)
+    optimizer, carry = fn.Optimizer(update, model.weights), fn.Carry()
+    accuracies = [fn.train_epoch(model, optimizer, rule, x, t, order, batch_size, passes, 0.05,
+                                 mask_rng, carry) for order in orders]
+
+    # The same masks, drawn as the engine draws them (per batch), laid out per sample.
+    mask_rng = np.random.default_rng(7)
+    masks = []
+    for order in orders:
+        chunks = [fn.draw_masks(mask_rng, reference, len(order[s:s + batch_size]))
+                  or [np.ones((len(order[s:s + batch_size]), k)) for k in SIZES[1:-1]]
+                  for s in range(0, n, batch_size)]
+        masks.append([np.concatenate([c[l] for c in chunks]) for l in range(len(SIZES) - 2)])
+    ref_accuracies = reference_epochs(reference, rule, update, x, t, orders, batch_size,
+                                      passes, 0.05, masks)
+    return model, reference, accuracies, ref_accuracies
+
+
+def assert_same_weights(model, reference):
+    for w, w_ref in zip(model.weights, reference.weights):
+        np.testing.assert_allclose(w, w_ref, rtol=1e-12, atol=1e-12 * np.abs(w_ref).max())
+
+
+@pytest.mark.parametrize("rule,passes", [("ERIN", 2), ("ERIN", 3), ("ERINsign", 2),
+                                         ("BP", 1), ("FA", 1), ("DFA", 1), ("DRTP", 1),
+                                         ("BP", 2)])
+def test_rules_match_per_sample_loop(rule, passes):
+    model, reference, accuracies, ref_accuracies = run_both(rule, passes=passes)
+    assert_same_weights(model, reference)
+    assert accuracies == ref_accuracies
+    initial = run_both(rule, passes=passes, epochs=0)[0]
+    assert all(np.abs(w - w0).max() > 1e-6 for w, w0 in zip(model.weights, initial.weights))
+
+
+@pytest.mark.parametrize("update", fn.UPDATE_TYPES)
+def test_every_optimiser_matches_per_sample_loop(update):
+    model, reference, _, _ = run_both("ERIN", update=update)
+    assert_same_weights(model, reference)
+
+
+def test_partial_batch_is_carried_into_next_epoch():
+    """Dropping the carried samples would change the weights: the test above can fail."""
+    model, reference, _, _ = run_both("ERIN", n=50, batch_size=8)
+    rng = np.random.default_rng(3)
+    x = rng.random((50, SIZES[0]))
+    t = np.eye(SIZES[-1])[rng.integers(0, SIZES[-1], 50)]
+    fresh = fn.init_model(rng, "ERIN", SIZES, ACTS, "he_uniform", 0.8)
+    orders = [rng.permutation(50) for _ in range(2)]
+    optimizer, mask_rng = fn.Optimizer("mom", fresh.weights), np.random.default_rng(7)
+    for order in orders:
+        fn.train_epoch(fresh, optimizer, "ERIN", x, t, order, 8, 2, 0.05, mask_rng, fn.Carry())
+    assert not np.allclose(fresh.weights[0], model.weights[0], rtol=1e-9, atol=0)
+
+
+def test_no_dropout_and_full_batches():
+    model, reference, _, _ = run_both("ERIN", keep=1.0, n=48, batch_size=8)
+    assert_same_weights(model, reference)
+
+
+def test_bp_deltas_equal_finite_difference_gradient():
+    rng = np.random.default_rng(0)
+    model = fn.init_model(rng, "BP", SIZES, ACTS, "he_uniform", 0.8)
+    x = rng.random((5, SIZES[0]))
+    t = np.eye(SIZES[-1])[rng.integers(0, SIZES[-1], 5)]
+    masks = fn.draw_masks(rng, model, 5)
+
+    def loss():
+        y = fn.forward(model, x, masks)[1][-1]
+        return -np.sum(t * np.log(y))
+
+    factors, _ = fn.error_factors(model, x, t, masks, "BP")
+    eps = 1e-6
+    for l, w in enumerate(model.weights):
+        analytic = factors[l][0].T @ factors[l][1]
+        numeric = np.zeros_like(w)
+        for idx in np.ndindex(w.shape):
+            saved = w[idx]
+            w[idx] = saved + eps
+            up = loss()
+            w[idx] = saved - eps
+            down = loss()
+            w[idx] = saved
+            numeric[idx] = (up - down) / (2 * eps)
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-7)
