@@ -425,6 +425,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse(argv)
     utils.setup_logging(args.VERBOSE)
+    utils.keep_freed_memory()
     try:
         train(args)
     except UsageError as err:

@@ -1,0 +1,300 @@
+"""Convolutional and fully connected networks trained with PEPITA (ERIN) or BP (PyTorch).
+
+The published MNIST conv command (1 epoch: about 95% test accuracy; see README "Speed"):
+
+    python main_pytorch.py --exp_name Experiment2 --learn_type ERIN --n_runs 1 \
+        --train_epochs 100 --eta 0.01 --dropout 0.9 --Bstd 0.05 --eta_decay --dataset mn \
+        --batch_size 50 --update_type mom --w_init he_uniform --model Net1conv1fcXL
+
+The tutorial's fully connected CIFAR-10 net: --model NetFC1x1024DOcust_cif --dataset cif
+--batch_size 64 --decay_scheme 0. Add --data_dir DIR to read local dataset files.
+"""
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import models
+import utils
+from utils import DATASETS, DivergenceError, UsageError
+
+log = logging.getLogger("pepita")
+LEARN_TYPES = ("BP", "ERIN")
+UPDATE_TYPES = ("SGD", "mom", "adam")
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+def build_parser():
+    parser = utils.ArgumentParser(description=__doc__.split("\n")[0])
+    utils.add_common_arguments(parser, exp_name="exptorch", learn_types=LEARN_TYPES,
+                               update_types=UPDATE_TYPES, train_epochs=100, batch_size=50,
+                               dataset="cif")
+    add = parser.add_argument
+    add("--model", "-mod", default="Net1conv1fcXL_cif",
+        choices=(*models.MODELS, "NetFC"), help="network (NetFC: fully connected, any depth)")
+    add("--fc_hidden", type=utils.positive_int, nargs="+", default=[1024],
+        help="hidden layer sizes of --model NetFC")
+    add("--Bstd", "-Bstd", type=float, default=0.05, help="scale of the projection B (= F)")
+    add("--B_mean_zero", "-Bmz", action=utils.argparse.BooleanOptionalAction, default=True,
+        help="B uniform around zero (on, as the published code forces); "
+             "--no-B_mean_zero draws it from U(0, s)")
+    add("--freeze_conv", action="store_true", help="keep the conv layer fixed")
+    add("--sqrt_conv", action="store_true",
+        help="divide the conv update by sqrt(positions) instead of the positions")
+    add("--decay_scheme", "-decs", type=int, default=1, choices=(0, 1),
+        help="with --eta_decay: 0 = epoch 60 (MNIST) or 60 and 90; 1 = epochs 10, 30, 60")
+    add("--is_pool", action="store_true",
+        help="kept for the published commands: the fc update of conv models always uses "
+             "the pooled features (the published code crashes without this flag)")
+    add("--is_fc", action="store_true", help="parsed by the published code, never used")
+    add("--freeze_bn", action="store_true", help="parsed by the published code, never used")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return parser
+
+
+def check_settings(args):
+    for flag in ("is_fc", "freeze_bn"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} has no effect (the published code never uses it and "
+                             "no model here has one); remove it")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+    is_conv = not args.model.startswith("NetFC")
+    if args.check_cos_norm and (is_conv or args.learn_type != "ERIN"):
+        raise UsageError("--check_cos_norm measures the angle between B and the product of "
+                         "the fc weights: use it with ERIN and a NetFC model")
+    if (args.freeze_conv or args.sqrt_conv) and not is_conv:
+        raise UsageError("--freeze_conv and --sqrt_conv act on the conv layer: use a conv "
+                         "model (Net1conv1fcXL, Net1conv1fcXL_cif)")
+
+
+def folder_name(args, code):
+    name = (f"res_{args.exp_name}_{code}_{args.model}{args.learn_type}_{args.update_type}_"
+            f"{args.batch_size}_{args.w_init}__rep{args.n_runs}_tr{args.train_epochs}")
+    return name + (f"etad{args.decay_scheme}" if args.eta_decay else "")
+
+
+def decay_epochs(args, code):
+    if not args.eta_decay:
+        return ()
+    if args.decay_scheme == 0:
+        return (60,) if code == "mn" else (60, 90)
+    return (10, 30, 60)
+
+
+# ------------------------------------------------------------------------------------------
+# Data: each dataset held in memory as one float tensor scaled like ToTensor
+# ------------------------------------------------------------------------------------------
+def load_tensors(code, data_dir, device):
+    x_train, y_train, x_test, y_test = utils.load_dataset(code, data_dir, "torchvision")
+
+    def to_tensor(images):  # uint8 NHWC -> float NCHW in [0, 1], once
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255).contiguous()
+
+    return (to_tensor(x_train).to(device), torch.from_numpy(y_train).to(device),
+            to_tensor(x_test).to(device), torch.from_numpy(y_test).to(device))
+
+
+@torch.no_grad()
+def accuracy(model, x, y, chunk=2000):
+    correct = sum(int((model(x[i:i + chunk])[0].argmax(1) == y[i:i + chunk]).sum())
+                  for i in range(0, len(x), chunk))
+    return 100.0 * correct / len(x)
+
+
+def angle_with_B(model, B):
+    """Angle in degrees between flatten(W_1^T ... W_L^T) and flatten(B), and ||W_1||."""
+    product = model.layers[0].weight.T
+    for layer in model.layers[1:]:
+        product = product @ layer.weight.T
+    cosine = F.cosine_similarity(product.flatten(), B.flatten(), dim=0).clamp(-1, 1)
+    return math.degrees(math.acos(float(cosine))), float(model.layers[0].weight.norm())
+
+
+# ------------------------------------------------------------------------------------------
+# One epoch
+# ------------------------------------------------------------------------------------------
+def train_epoch(args, model, optimizer, B, data, generators, n_classes, progress):
+    """One pass over the shuffled training set; returns the mean training loss (the
+    cross-entropy of the first pass's output for PEPITA)."""
+    x_train, y_train = data
+    cpu_gen, device_gen = generators
+    order = torch.randperm(len(x_train), generator=cpu_gen).to(x_train.device)
+    total_loss = 0.0
+    for batch, start in enumerate(range(0, len(order), args.batch_size), start=1):
+        idx = order[start:start + args.batch_size]
+        x, y = x_train[idx], y_train[idx]
+        masks = models.draw_masks(model, device_gen, len(idx), args.dropout, x.device)
+        if args.learn_type == "ERIN":
+            target = F.one_hot(y, n_classes).to(x.dtype)
+            output = models.pepita_step(model, optimizer, x, target, B, masks,
+                                        args.batch_size, args.sqrt_conv)
+            loss = F.nll_loss(torch.log(output), y)
+        else:
+            logits = model(x, masks, logits=True)[0]
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise DivergenceError(f"NaN or infinite output at batch {batch}: training "
+                                  f"diverged; the learning rate (--eta {args.eta}) is likely "
+                                  "too high")
+        total_loss += loss * len(idx)
+        progress.update(len(idx))
+    return total_loss / len(order)
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints and results
+# ------------------------------------------------------------------------------------------
+def save_torch(path, obj):
+    utils.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path):
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, EOFError) as err:
+        raise UsageError(f"{path} cannot be read ({err})") from None
+
+
+def save_checkpoint(folder, run, epoch, model, optimizer, B, generators, history):
+    save_torch(Path(folder) / "checkpoint.pt", {
+        "run": run, "epoch": epoch, "model": model.state_dict(), "B": B,
+        "optimizer": optimizer.state_dict(),
+        "generators": [g.get_state() for g in generators], "history": history})
+
+
+def write_results(folder, args, history, final=False):
+    folder = Path(folder)
+    for r, (losses, test) in enumerate(zip(history["loss"], history["test"])):
+        utils.write_table(folder / f"losses_run{r}.txt", [[v] for v in losses])
+        utils.write_table(folder / f"test_acc_run{r}.txt", [[v] for v in test])
+    finished = [run[-1] for run in history["test"][:history["runs_finished"]]]
+    summary = ({"test_mean": float(np.mean(finished)), "test_std": float(np.std(finished))}
+               if finished else {})
+    utils.write_json(folder / "metrics.json", {
+        "settings": vars(args), "status": "finished" if final else "running",
+        "accuracy_unit": "percent", "summary": summary, **history})
+    done = [run for run in history["test"] if len(run) == len(history["test"][0])]
+    utils.plot_curves(folder / "learning_curve.png", {"test accuracy": done},
+                      f"{args.model} {args.learn_type}", ylabel="test accuracy (%)")
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+def train(args):
+    code = args.dataset or "cif"
+    check_settings(args)
+    device = torch.device("cuda" if args.device == "cuda" or (
+        args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    folder = utils.results_folder(args, folder_name(args, code))
+    state = None
+    if args.resume:
+        if not (folder / "checkpoint.pt").is_file():
+            raise UsageError(f"--resume: {folder} holds no checkpoint; start the run "
+                             "without --resume")
+        state = load_torch(folder / "checkpoint.pt")
+        args.seed = state["history"]["seed"]
+    seed, _, run_seqs = utils.seed_sequences(args.seed, args.n_runs)
+    x_train, y_train, x_test, y_test = load_tensors(code, args.data_dir, device)
+    n_classes = DATASETS[code]["classes"]
+    models.build_model(args.model, x_train.shape[1:], n_classes, args.w_init)  # fits data?
+    utils.prepare_folder(folder, args.resume, args.overwrite)
+    log.info("%s %s on %s (%s), results in %s", args.model, args.learn_type, code, device,
+             folder)
+
+    history = state["history"] if state else {"seed": seed, "loss": [], "test": [],
+                                              "angles": [], "norms": [],
+                                              "epoch_time_s": [], "runs_finished": 0}
+    first_run = history["runs_finished"]
+    for run in range(first_run, args.n_runs):
+        init_seed, cpu_seed, device_seed = run_seqs[run].generate_state(3)
+        torch.manual_seed(int(init_seed))
+        model = models.build_model(args.model, x_train.shape[1:], n_classes, args.w_init,
+                                   np.random.default_rng(int(init_seed))).to(device)
+        generators = (torch.Generator().manual_seed(int(cpu_seed)),
+                      torch.Generator(device).manual_seed(int(device_seed)))
+        B = models.projection_matrix(generators[1], x_train[0].numel(), n_classes, args.Bstd,
+                                     args.B_mean_zero, device)
+        params = [layer.weight for layer in model.layers
+                  if not (args.freeze_conv and layer is getattr(model, "conv", None))]
+        if args.freeze_conv:
+            model.conv.weight.requires_grad_(False)
+        optimizer = models.make_optimizer(args.update_type, args.learn_type, params, args.eta)
+        first_epoch = 0
+        if state and state["run"] == run and state["epoch"] >= 0:
+            model.load_state_dict(state["model"])
+            B = state["B"].to(device)
+            optimizer.load_state_dict(state["optimizer"])
+            for g, g_state in zip(generators, state["generators"]):
+                g.set_state(g_state)
+            first_epoch = state["epoch"] + 1
+        else:
+            for key in ("loss", "test", "angles", "norms", "epoch_time_s"):
+                history[key].append([])
+            if args.check_cos_norm:
+                record_angle(history, model, B)
+        for epoch in range(first_epoch, args.train_epochs):
+            tic = time.perf_counter()
+            if epoch in decay_epochs(args, code):
+                for group in optimizer.param_groups:
+                    group["lr"] *= 0.1
+            with tqdm(total=len(x_train), desc=f"run {run} epoch {epoch + 1}", leave=False,
+                      disable=None) as progress:
+                loss = train_epoch(args, model, optimizer, B, (x_train, y_train), generators,
+                                   n_classes, progress)
+            test_acc = accuracy(model, x_test, y_test)
+            history["loss"][run].append(loss)
+            history["test"][run].append(test_acc)
+            if args.check_cos_norm:
+                record_angle(history, model, B)
+            history["epoch_time_s"][run].append(time.perf_counter() - tic)
+            log.info("run %d epoch %d: loss %.4f, test accuracy %.2f%% (%.1f s)", run,
+                     epoch + 1, loss, test_acc, history["epoch_time_s"][run][-1])
+            save_checkpoint(folder, run, epoch, model, optimizer, B, generators, history)
+            write_results(folder, args, history)
+        history["runs_finished"] = run + 1
+        save_torch(folder / f"weights_run{run}.pt", {"model": model.state_dict(), "B": B})
+        save_checkpoint(folder, run + 1, -1, model, optimizer, B, generators, history)
+    write_results(folder, args, history, final=True)
+    finals = [run[-1] for run in history["test"]]
+    log.info("test accuracy %.2f%% +- %.2f over %d run(s)", np.mean(finals), np.std(finals),
+             args.n_runs)
+    return history
+
+
+def record_angle(history, model, B):
+    angle, norm = angle_with_B(model, B)
+    history["angles"][-1].append(angle)
+    history["norms"][-1].append(norm)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse(argv)
+    utils.setup_logging(args.VERBOSE)
+    utils.keep_freed_memory()
+    try:
+        train(args)
+    except UsageError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except DivergenceError as err:
+        parser.exit(3, f"{parser.prog}: error: {err}; the last good epoch's results and "
+                       "checkpoint are kept\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

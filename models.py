@@ -1,0 +1,199 @@
+"""PyTorch models of the paper and their PEPITA update with a fixed random projection B
+(called F in the paper): convolutional (Net1conv1fcXL) and fully connected (the tutorial's
+NetFC1x1024DOcust) networks, no biases, softmax output.
+
+Each forward returns the activations the update needs, so no hooks are involved. The
+updates below are written as gradients g (W -= eta g), i.e. g = -dW / batch_size for the
+published W += eta dW / batch_size.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import UsageError, init_weight
+
+
+class FCNet(nn.Module):
+    """Fully connected: ReLU hidden layers with dropout masks, softmax output."""
+
+    def __init__(self, sizes, w_init="he_uniform", rng=None):
+        super().__init__()
+        self.sizes = list(sizes)
+        self.layers = nn.ModuleList(nn.Linear(n_in, n_out, bias=False)
+                                    for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+        rng = rng or np.random.default_rng()
+        with torch.no_grad():
+            for layer in self.layers:
+                n_out, n_in = layer.weight.shape
+                layer.weight.copy_(torch.from_numpy(init_weight(rng, w_init, n_out, n_in,
+                                                                np.float32)))
+
+    def forward(self, x, masks=None, logits=False):
+        """Output (softmax, or logits for BP) and post-activations, the input first."""
+        h = x.flatten(1)
+        hidden = [h]
+        for l, layer in enumerate(self.layers[:-1]):
+            h = F.relu(layer(h))
+            if masks is not None:
+                h = h * masks[l]
+            hidden.append(h)
+        out = self.layers[-1](h)
+        return (out if logits else F.softmax(out, dim=1)), hidden
+
+    def mask_sizes(self):
+        return self.sizes[1:-1]
+
+    def pepita_grads(self, first, second, e, e_mod, batch_size, sqrt_conv=False):
+        """Hidden layers: dW = -(h - h')^T h'_prev (input: the modulated x'); last layer:
+        dW = -e'^T h'_last."""
+        (_, hidden), (_, hidden_mod) = first, second
+        grads = [(h - h_mod).T @ h_prev_mod
+                 for h, h_mod, h_prev_mod in zip(hidden[1:], hidden_mod[1:], hidden_mod[:-1])]
+        grads.append(e_mod.T @ hidden_mod[-1])
+        return [g / batch_size for g in grads]
+
+
+def patch_rows(x, size):
+    """Every size x size patch of x (N, C, H, W) as a row, in the order of
+    conv.weight.flatten(1): (N * positions, C * size * size). A strided view, copied once."""
+    n, c, h, w = x.shape
+    x = x.contiguous()
+    s_n, s_c, s_h, s_w = x.stride()
+    view = x.as_strided((n, h - size + 1, w - size + 1, c, size, size),
+                        (s_n, s_h, s_w, s_c, s_h, s_w))
+    return view.reshape(n * (h - size + 1) * (w - size + 1), c * size * size)
+
+
+class ConvNet(nn.Module):
+    """conv 5x5 (32 maps) -> ReLU -> max-pool 2 -> fc -> softmax; PyTorch's default init.
+
+    The convolution is one matrix product of the patch rows with the kernels, giving
+    channels-last feature maps; the patch rows are kept, since the PEPITA conv update is a
+    product of the same rows with (h - h'). (Faster on CPUs than F.conv2d + F.max_pool2d.)"""
+
+    def __init__(self, channels, image_size, n_out):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 32, 5, bias=False)
+        self.side = image_size - 4  # even for both published models
+        self.fc = nn.Linear(32 * (self.side // 2) ** 2, n_out, bias=False)
+        self.layers = [self.conv, self.fc]
+
+    def forward(self, x, masks=None, logits=False):
+        """Output and (patch rows of x, ReLU(conv(x)) before pooling as rows
+        (N * positions, 32), pooled features flattened in PyTorch's (C, H, W) order)."""
+        n, half = len(x), self.side // 2
+        rows = patch_rows(x, self.conv.kernel_size[0])
+        features = F.relu(rows @ self.conv.weight.flatten(1).T)
+        maps = features.view(n, half, 2, self.side, 32).amax(2)  # pool rows, then columns
+        pooled = maps.view(n, half, half, 2, 32).amax(3).permute(0, 3, 1, 2).flatten(1)
+        out = self.fc(pooled)
+        return (out if logits else F.softmax(out, dim=1)), (rows, features, pooled)
+
+    def mask_sizes(self):
+        return []
+
+    def pepita_grads(self, first, second, e, e_mod, batch_size, sqrt_conv=False):
+        """fc: dW = -e^T pooled' (the FIRST pass's error, the second pass's features).
+        conv: dW = mean over the batch and positions of (h - h') * patch of x', added without
+        the fc rule's minus sign (so it moves opposite), then divided by batch_size again."""
+        (_, (_, features, _)), (_, (rows_mod, features_mod, pooled_mod)) = first, second
+        n = len(e)
+        positions = len(features) // n
+        scale = math.sqrt(positions) if sqrt_conv else positions
+        conv_dw = ((features - features_mod).T @ rows_mod).view_as(self.conv.weight)
+        conv_dw /= n * scale
+        return [-conv_dw / batch_size, e.T @ pooled_mod / batch_size]
+
+
+MODELS = {
+    # name: (input shape (C, H, W) or None for any, constructor(n_in, n_out, w_init, rng))
+    "Net1conv1fcXL": ((1, 28, 28), lambda n_in, n_out, w_init, rng: ConvNet(1, 28, n_out)),
+    "Net1conv1fcXL_cif": ((3, 32, 32), lambda n_in, n_out, w_init, rng: ConvNet(3, 32, n_out)),
+    "NetFC1x1024DOcust": ((1, 28, 28), lambda n_in, n_out, w_init, rng:
+                          FCNet([n_in, 1024, n_out], w_init, rng)),
+    "NetFC1x1024DOcust_cif": ((3, 32, 32), lambda n_in, n_out, w_init, rng:
+                              FCNet([n_in, 1024, n_out], w_init, rng)),
+}
+
+
+def build_model(name, input_shape, n_out, w_init="he_uniform", rng=None, hidden=None):
+    """The named model for inputs of input_shape (C, H, W); "NetFC" takes hidden sizes."""
+    n_in = int(np.prod(input_shape))
+    if name == "NetFC":
+        return FCNet([n_in, *(hidden or [1024]), n_out], w_init, rng)
+    if name not in MODELS:
+        raise UsageError(f"unknown --model {name!r}; choose one of "
+                         f"{', '.join([*MODELS, 'NetFC'])}")
+    shape, make = MODELS[name]
+    if tuple(input_shape) != shape:
+        raise UsageError(f"--model {name} takes {shape[0]}x{shape[1]}x{shape[2]} images, the "
+                         f"dataset has {'x'.join(map(str, input_shape))}; pick the model "
+                         "for this dataset (the _cif models take CIFAR)")
+    return make(n_in, n_out, w_init, rng)
+
+
+def projection_matrix(generator, n_in, n_out, b_std=0.05, mean_zero=True, device="cpu"):
+    """B (= F), shape (n_in, n_out): U(-s, s) * Bstd, s = sqrt(6 / n_in); U(0, s) * Bstd
+    without mean_zero."""
+    limit = math.sqrt(6 / n_in)
+    u = torch.rand(n_in, n_out, generator=generator, device=device)
+    return (u * 2 * limit - limit if mean_zero else u * limit) * b_std
+
+
+def draw_masks(model, generator, n, keep, device):
+    """Dropout masks Bernoulli(keep) / keep for the model's hidden layers, or None."""
+    sizes = model.mask_sizes()
+    if keep == 1 or not sizes:
+        return None
+    return [(torch.rand(n, size, generator=generator, device=device) < keep).float() / keep
+            for size in sizes]
+
+
+@torch.no_grad()
+def pepita_step(model, optimizer, x, target, B, masks, batch_size, sqrt_conv=False):
+    """One PEPITA batch: pass 1 on x, pass 2 on x + e B^T, then the layers' updates.
+    Returns the first pass's output."""
+    first = model(x, masks)
+    e = first[0] - target
+    x_mod = x + (e @ B.T).view_as(x)
+    second = model(x_mod, masks)
+    e_mod = second[0] - target
+    grads = model.pepita_grads(first, second, e, e_mod, batch_size, sqrt_conv=sqrt_conv)
+    for layer, g in zip(model.layers, grads):
+        layer.weight.grad = g
+    optimizer.step()
+    return first[0]
+
+
+class PublishedMomentum(torch.optim.Optimizer):
+    """The published PEPITA update: V = 0.9 V + lr g; W -= V (torch's SGD keeps lr outside
+    the velocity, which differs after a learning-rate change)."""
+
+    def __init__(self, params, lr, momentum=0.9):
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p)
+                velocity = state["velocity"]
+                velocity.mul_(group["momentum"]).add_(p.grad, alpha=group["lr"])
+                p.sub_(velocity)
+
+
+def make_optimizer(kind, rule, params, lr):
+    """SGD, mom or adam; mom is the published PEPITA form for ERIN, torch's SGD for BP."""
+    if kind == "SGD":
+        return torch.optim.SGD(params, lr=lr)
+    if kind == "mom":
+        return (PublishedMomentum(params, lr) if rule == "ERIN"
+                else torch.optim.SGD(params, lr=lr, momentum=0.9))
+    return torch.optim.Adam(params, lr=lr)
