@@ -144,7 +144,7 @@ def train_epoch(args, model, optimizer, B, data, generators, n_classes, progress
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        loss = float(loss)
+        loss = float(loss.detach())
         if not math.isfinite(loss):
             raise DivergenceError(f"NaN or infinite output at batch {batch}: training "
                                   f"diverged; the learning rate (--eta {args.eta}) is likely "

@@ -1,0 +1,238 @@
+"""The PyTorch path: updates against the published definitions, BP against autograd, the
+published commands end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main_pytorch
+import models
+
+README_COMMAND = ("--exp_name Experiment2 --learn_type ERIN --n_runs 1 --train_epochs 100 "
+                  "--eta 0.01 --dropout 0.9 --Bstd 0.05 --eta_decay --dataset mn "
+                  "--batch_size 50 --update_type mom --w_init he_uniform "
+                  "--model Net1conv1fcXL").split()
+
+
+def published_conv_update(x_mod, h, h_mod, kernel, sqrt_conv):
+    """The published loop over output positions: dW += mean over the batch of
+    (h - h')[o at the position] * x'[i, patch], then divided by the positions (or sqrt)."""
+    n, channels = x_mod.shape[:2]
+    rows, cols = h.shape[2:]
+    dw = torch.zeros(h.shape[1], channels, kernel, kernel, dtype=x_mod.dtype)
+    for r in range(rows):
+        for c in range(cols):
+            patch = x_mod[:, :, r:r + kernel, c:c + kernel]           # (n, C, k, k)
+            delta = (h - h_mod)[:, :, r, c]                           # (n, O)
+            dw += torch.einsum("no,nikl->oikl", delta, patch) / n
+    positions = rows * cols
+    return dw / (positions ** 0.5 if sqrt_conv else positions)
+
+
+@pytest.mark.parametrize("channels,size,sqrt_conv", [(1, 28, False), (1, 28, True),
+                                                     (3, 32, False)])
+def test_conv_update_equals_published_loop(channels, size, sqrt_conv):
+    torch.manual_seed(0)
+    model = models.ConvNet(channels, size, 10).double()
+    x = torch.rand(4, channels, size, size, dtype=torch.float64)
+    target = F.one_hot(torch.tensor([1, 3, 5, 7]), 10).double()
+    B = models.projection_matrix(torch.Generator().manual_seed(1), channels * size * size,
+                                 10).double()
+    with torch.no_grad():
+        first = model(x)
+        e = first[0] - target
+        x_mod = x + (e @ B.T).view_as(x)
+        second = model(x_mod)
+        grads = model.pepita_grads(first, second, e, second[0] - target, batch_size=4,
+                                   sqrt_conv=sqrt_conv)
+        h, h_mod = (F.relu(F.conv2d(inp, model.conv.weight)) for inp in (x, x_mod))
+        expected = published_conv_update(x_mod, h, h_mod, 5, sqrt_conv)
+        pooled_mod = F.max_pool2d(h_mod, 2).flatten(1)
+    # published: W += eta * dW / batch_size, so the gradient (W -= eta g) is -dW / batch_size
+    torch.testing.assert_close(grads[0], -expected / 4, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(grads[1], e.T @ pooled_mod / 4, rtol=1e-10, atol=1e-14)
+    assert grads[0].abs().max() > 0
+
+
+def test_conv_forward_equals_conv2d_and_max_pool():
+    torch.manual_seed(0)
+    model = models.ConvNet(3, 32, 10)
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        out, (_, features, pooled) = model(x)
+        expected = F.max_pool2d(F.relu(model.conv(x)), 2).flatten(1)
+    torch.testing.assert_close(pooled, expected)
+    torch.testing.assert_close(out, F.softmax(model.fc(expected), dim=1))
+
+
+def test_fc_pepita_step_equals_layer_formulas():
+    """One step of NetFC1x1024DOcust (momentum, first step: W -= eta g) against the
+    reference's per-layer formulas, with the dropout masks shared by both passes."""
+    rng = np.random.default_rng(0)
+    model = models.build_model("NetFC1x1024DOcust", (1, 28, 28), 10, "he_uniform", rng)
+    W1, W2 = (layer.weight.detach().clone() for layer in model.layers)
+    x = torch.rand(8, 1, 28, 28)
+    y = torch.arange(8) % 10
+    t = F.one_hot(y, 10).float()
+    gen = torch.Generator().manual_seed(3)
+    B = models.projection_matrix(gen, 784, 10)
+    masks = models.draw_masks(model, gen, 8, 0.9, "cpu")
+    assert masks[0].shape == (8, 1024)
+    torch.testing.assert_close(masks[0].unique(), torch.tensor([0, 1 / 0.9]))
+    optimizer = models.make_optimizer("mom", "ERIN", [l.weight for l in model.layers], 0.01)
+    models.pepita_step(model, optimizer, x, t, B, masks, batch_size=8)
+
+    xf = x.flatten(1)
+    h = F.relu(xf @ W1.T) * masks[0]
+    e = F.softmax(h @ W2.T, dim=1) - t
+    x_mod = xf + e @ B.T
+    h_mod = F.relu(x_mod @ W1.T) * masks[0]
+    e_mod = F.softmax(h_mod @ W2.T, dim=1) - t
+    dW1 = -(h - h_mod).T @ x_mod
+    dW2 = -e_mod.T @ h_mod
+    torch.testing.assert_close(model.layers[0].weight, W1 + 0.01 * dW1 / 8)
+    torch.testing.assert_close(model.layers[1].weight, W2 + 0.01 * dW2 / 8)
+
+
+def test_published_momentum_keeps_velocity_across_learning_rate_changes():
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = models.PublishedMomentum([w], lr=1.0)
+    for lr in (1.0, 0.1):
+        opt.param_groups[0]["lr"] = lr
+        w.grad = torch.ones(1)
+        opt.step()
+    # V1 = 1, W1 = -1; V2 = 0.9 + 0.1 = 1.0, W2 = -2
+    assert w.item() == pytest.approx(-2.0)
+
+
+@pytest.mark.parametrize("update", ["SGD", "mom", "adam"])
+def test_bp_step_equals_autograd_on_reference_model(update):
+    """BP through our patch-row convolution equals autograd through F.conv2d/max_pool2d."""
+    torch.manual_seed(0)
+    model = models.ConvNet(1, 28, 10)
+    reference = models.ConvNet(1, 28, 10)
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.rand(6, 1, 28, 28), torch.arange(6)
+    opt = models.make_optimizer(update, "BP", list(model.parameters()), 0.1)
+    ref_opt = {"SGD": lambda p: torch.optim.SGD(p, lr=0.1),
+               "mom": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+               "adam": lambda p: torch.optim.Adam(p, lr=0.1)}[update](
+        list(reference.parameters()))
+    for _ in range(2):
+        loss = F.cross_entropy(model(x, logits=True)[0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref_logits = reference.fc(F.max_pool2d(F.relu(reference.conv(x)), 2).flatten(1))
+        ref_loss = F.cross_entropy(ref_logits, y)
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def run_torch(tmp_path, data_dir, *flags):
+    argv = [*flags, "--data_dir", str(data_dir), "--results_dir", str(tmp_path / "results")]
+    assert main_pytorch.main(argv) == 0
+    return max((p for p in (tmp_path / "results").rglob("res_*") if p.is_dir()),
+               key=lambda p: p.stat().st_mtime_ns)
+
+
+def shorten(command, epochs):
+    argv = list(command)
+    argv[argv.index("--train_epochs") + 1] = str(epochs)
+    return argv
+
+
+def test_published_readme_command_runs_without_is_pool(tmp_path, mnist_dir):
+    folder = run_torch(tmp_path, mnist_dir, *shorten(README_COMMAND, 2), "--seed", "0")
+    assert folder.name == ("res_Experiment2_mn_Net1conv1fcXLERIN_mom_50_he_uniform__rep1_"
+                           "tr2etad1")
+    for name in ("losses_run0.txt", "test_acc_run0.txt", "metrics.json",
+                 "learning_curve.png", "weights_run0.pt", "checkpoint.pt"):
+        assert (folder / name).is_file(), name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert len(metrics["test"][0]) == 2 and metrics["test"][0][-1] > 30  # percent, > chance
+    saved = torch.load(folder / "weights_run0.pt", weights_only=True)
+    assert saved["B"].shape == (784, 10)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--learn_type", "BP", "--update_type", "adam", "--model", "Net1conv1fcXL"],
+    ["--model", "NetFC1x1024DOcust", "--update_type", "SGD", "--check_cos_norm"],
+    ["--model", "NetFC", "--fc_hidden", "64", "32", "--no-B_mean_zero", "-eta_d", "-decs", "0"],
+    ["-mod", "Net1conv1fcXL", "--sqrt_conv", "--freeze_conv", "--is_pool", "-Bmz"],
+])
+def test_pytorch_flags_on_mnist(tmp_path, mnist_dir, flags):
+    folder = run_torch(tmp_path, mnist_dir, "--dataset", "mn", "--train_epochs", "1",
+                       "--seed", "1", *flags)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and 0 <= metrics["test"][0][0] <= 100
+
+
+def test_freeze_conv_keeps_the_conv_fixed(tmp_path, mnist_dir):
+    folder = run_torch(tmp_path, mnist_dir, "--dataset", "mn", "--train_epochs", "1",
+                       "--seed", "1", "--model", "Net1conv1fcXL", "--freeze_conv")
+    torch.manual_seed(int(np.random.SeedSequence(1).spawn(2)[1].generate_state(3)[0]))
+    initial = models.ConvNet(1, 28, 10)
+    saved = torch.load(folder / "weights_run0.pt", weights_only=True)["model"]
+    assert torch.equal(saved["conv.weight"], initial.conv.weight)
+    assert not torch.equal(saved["fc.weight"], initial.fc.weight)
+
+
+def test_tutorial_model_on_cifar_shaped_data(tmp_path, cifar_dir):
+    folder = run_torch(tmp_path, cifar_dir, "--dataset", "cif", "--model",
+                       "NetFC1x1024DOcust_cif", "--batch_size", "64", "--train_epochs", "2",
+                       "--seed", "0")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["test"][0][-1] > 20  # percent; chance is 10
+
+
+def test_same_seed_same_results(tmp_path, mnist_dir):
+    def curve(name, seed):
+        folder = run_torch(tmp_path, mnist_dir, "--dataset", "mn", "--model",
+                           "NetFC1x1024DOcust", "--train_epochs", "2", "--seed", str(seed),
+                           "--exp_name", name)
+        saved = torch.load(folder / "weights_run0.pt", weights_only=True)
+        return json.loads((folder / "metrics.json").read_text())["loss"], saved
+
+    loss_a, saved_a = curve("a", 3)
+    loss_b, saved_b = curve("b", 3)
+    loss_c, saved_c = curve("c", 4)
+    assert loss_a == loss_b and torch.equal(saved_a["B"], saved_b["B"])
+    assert all(torch.equal(saved_a["model"][k], saved_b["model"][k]) for k in saved_a["model"])
+    assert loss_a != loss_c and not torch.equal(saved_a["B"], saved_c["B"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "Net1conv1fcXL_cif", "--dataset", "mn"], "takes 3x32x32"),
+    (["--model", "Net1conv1fcXL", "--dataset", "cif"], "takes 1x28x28"),
+    (["--model", "ResNet"], "invalid choice"),
+    (["--learn_type", "FA"], "invalid choice"),
+    (["--update_type", "rmsprop"], "invalid choice"),
+    (["--is_fc"], "no effect"),
+    (["--freeze_bn"], "no effect"),
+    (["--check_cos_norm", "--model", "Net1conv1fcXL", "--dataset", "mn"], "NetFC"),
+    (["--sqrt_conv", "--model", "NetFC1x1024DOcust", "--dataset", "mn"], "conv model"),
+    (["--dropout", "-0.1"], "KEEP probability"),
+    (["--train_epochs", "0"], "positive integer"),
+    (["--decay_scheme", "2"], "invalid choice"),
+])
+def test_pytorch_bad_input(tmp_path, mnist_dir, cifar_dir, capsys, flags, message):
+    data = cifar_dir if "cif" in flags else mnist_dir
+    argv = ["--dataset", "mn", *flags, "--data_dir", str(data),
+            "--results_dir", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as exit_info:
+        main_pytorch.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "r").exists()
+
+
+def test_real_mnist_one_epoch_of_the_readme_command(tmp_path, real_mnist):
+    folder = run_torch(tmp_path, real_mnist, *shorten(README_COMMAND, 1), "--seed", "0")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["test"][0][0] >= 93.5
