@@ -236,7 +236,8 @@ def continue_from(args, model):
         model.F[...] = saved["F"]
 
 
-def save_checkpoint(folder, run, epoch, model, optimizer, carry, rngs, eta, history):
+def save_checkpoint(folder, args, run, epoch, model, optimizer, carry, rngs, history):
+    """Everything an exact resume needs; epoch -1: run `run` has not started yet."""
     arrays = model_arrays(model)
     arrays.update({f"opt{k}_{l}": b for k, buffers in enumerate(optimizer.buffers)
                    for l, b in enumerate(buffers)})
@@ -244,13 +245,14 @@ def save_checkpoint(folder, run, epoch, model, optimizer, carry, rngs, eta, hist
         arrays.update({f"carry{k}_{l}": f for l, pair in enumerate(carry.factors)
                        for k, f in enumerate(pair)})
     arrays["state"] = np.array(json.dumps({
-        "run": run, "epoch": epoch, "eta": eta, "opt_steps": optimizer.step_count,
+        "run": run, "epoch": epoch, "settings": vars(args), "opt_steps": optimizer.step_count,
         "rngs": {name: utils.rng_state(rng) for name, rng in rngs.items()},
         "history": history}))
     save_npz(Path(folder) / "checkpoint.npz", arrays)
 
 
 def restore_checkpoint(folder, model, optimizer, carry, rngs):
+    """Load the interrupted run's state in place; returns its last complete epoch."""
     saved = load_npz(Path(folder) / "checkpoint.npz")
     state = json.loads(str(saved["state"]))
     for name, array in model_arrays(model).items():
@@ -263,7 +265,7 @@ def restore_checkpoint(folder, model, optimizer, carry, rngs):
                       for l in range(len(model.weights))] if "carry0_0" in saved else None)
     for name, rng in rngs.items():
         utils.set_rng_state(rng, state["rngs"][name])
-    return state
+    return state["epoch"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -322,33 +324,24 @@ def train(args):
     code = dataset_code(args)
     check_settings(args)
     dtype = np.dtype(args.dtype).type
-    seed, data_seq, run_seqs = utils.seed_sequences(args.seed, args.n_runs)
     folder = utils.results_folder(args, folder_name(args, code))
-    if args.resume:  # the seed of the interrupted run, so the data slice matches it too
-        state = json.loads(str(load_npz(folder / "checkpoint.npz")["state"])) \
-            if (folder / "checkpoint.npz").is_file() else None
-        if state is None:
-            raise UsageError(f"--resume: {folder} holds no checkpoint; start the run "
-                             "without --resume")
-        seed, data_seq, run_seqs = utils.seed_sequences(state["history"]["seed"], args.n_runs)
+    resumed = read_resume_state(folder) if args.resume else None
+    if resumed:  # the interrupted run's seed, so that the data slice matches it too
+        args.seed = utils.check_resume_settings(resumed["settings"], args)
+    seed, data_seq, run_seqs = utils.seed_sequences(args.seed, args.n_runs)
+    args.seed = seed  # recorded with the settings, so that a run can be repeated exactly
     train_set, val_set, test_set, raw_train = load_data(
         args, code, np.random.default_rng(data_seq), dtype)
     sizes, acts = architecture(args, train_set[0].shape[1], train_set[1].shape[1])
-    if args.continue_training:
+    if args.continue_training:  # check the saved weights before creating the folder
         continue_from(args, fn.init_model(np.random.default_rng(0), args.learn_type, sizes,
                                           acts, args.w_init, args.dropout, dtype))
     utils.prepare_folder(folder, args.resume, args.overwrite)
     log.info("%s on %s, layers %s, results in %s", args.learn_type, code, sizes, folder)
 
-    history = new_history()
-    history["seed"] = seed
-    first_run, first_epoch, resumed = 0, 0, None
-    if args.resume:
-        first_run, first_epoch = state["run"], state["epoch"] + 1
-        history = state["history"]
-        resumed = state
+    history = resumed["history"] if resumed else {**new_history(), "seed": seed}
     start_time = time.time() - sum(map(sum, history["epoch_time_s"]))
-    for run in range(first_run, args.n_runs):
+    for run in range(len(history["final_test"]), args.n_runs):
         init_rng, mask_rng, shuffle_rng, deform_rng = (
             np.random.default_rng(s) for s in run_seqs[run].spawn(4))
         rngs = {"mask": mask_rng, "shuffle": shuffle_rng, "deform": deform_rng}
@@ -358,10 +351,10 @@ def train(args):
             continue_from(args, model)
         optimizer = fn.Optimizer(args.update_type, model.weights)
         carry = fn.Carry()
-        if resumed is not None and resumed["run"] == run and resumed["epoch"] >= 0:
-            restore_checkpoint(folder, model, optimizer, carry, rngs)
+        first_epoch = 0
+        if resumed and resumed["run"] == run:  # an interrupted run: continue it
+            first_epoch = restore_checkpoint(folder, model, optimizer, carry, rngs) + 1
         else:
-            first_epoch = 0
             for key in ("train", "val", "test", "angles", "norms", "epoch_time_s"):
                 history[key].append([])
             if args.check_cos_norm:
@@ -374,11 +367,19 @@ def train(args):
         save_npz(folder / f"weights_run{run}.npz", model_arrays(model))
         log.info("run %d: final test accuracy %.4f", run, history["final_test"][-1])
         write_results(folder, args, history, seed, time.time() - start_time)
-        save_checkpoint(folder, run + 1, -1, model, optimizer, carry, rngs, args.eta, history)
+        save_checkpoint(folder, args, run + 1, -1, model, optimizer, carry, rngs, history)
     write_results(folder, args, history, seed, time.time() - start_time, final=True)
     log.info("test accuracy %.4f +- %.4f over %d run(s), %.1f s", np.mean(history["final_test"]),
              np.std(history["final_test"]), args.n_runs, time.time() - start_time)
     return history
+
+
+def read_resume_state(folder):
+    path = Path(folder) / "checkpoint.npz"
+    if not path.is_file():
+        raise UsageError(f"--resume: {folder} holds no checkpoint; start the run without "
+                         "--resume")
+    return json.loads(str(load_npz(path)["state"]))
 
 
 def record_angle(history, model):
@@ -399,11 +400,16 @@ def run_epochs(args, folder, run, first_epoch, model, optimizer, carry, rngs, hi
                  else rngs["shuffle"].permutation(len(x_train)))
         with tqdm(total=len(order), desc=f"run {run} epoch {epoch + 1}", leave=False,
                   disable=None) as progress:
-            train_acc = fn.train_epoch(model, optimizer, args.learn_type, x_train, t_train,
-                                       order, args.batch_size, args.sample_passes, eta,
-                                       rngs["mask"], carry, progress)
+            try:  # overflow is reported once, as divergence, not as numpy warnings
+                with np.errstate(over="ignore", invalid="ignore"):
+                    train_acc = fn.train_epoch(model, optimizer, args.learn_type, x_train,
+                                               t_train, order, args.batch_size,
+                                               args.sample_passes, eta, rngs["mask"], carry,
+                                               progress)
+            except DivergenceError as err:
+                raise DivergenceError(f"run {run} epoch {epoch + 1}, {err}") from None
         utils.check_finite(np.concatenate([w.ravel() for w in model.weights]),
-                           f"the end of epoch {epoch + 1}", eta)
+                           f"the end of run {run} epoch {epoch + 1}", eta)
         history["train"][run].append(train_acc)
         message = f"run {run} epoch {epoch + 1}: train {train_acc:.4f}"
         if args.validation:
@@ -417,7 +423,7 @@ def run_epochs(args, folder, run, first_epoch, model, optimizer, carry, rngs, hi
             record_angle(history, model)
         history["epoch_time_s"][run].append(time.perf_counter() - tic)
         log.info("%s (%.1f s)", message, history["epoch_time_s"][run][-1])
-        save_checkpoint(folder, run, epoch, model, optimizer, carry, rngs, eta, history)
+        save_checkpoint(folder, args, run, epoch, model, optimizer, carry, rngs, history)
         write_results(folder, args, history, history["seed"], time.time() - start_time)
 
 

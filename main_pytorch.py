@@ -122,7 +122,7 @@ def angle_with_B(model, B):
 # ------------------------------------------------------------------------------------------
 # One epoch
 # ------------------------------------------------------------------------------------------
-def train_epoch(args, model, optimizer, B, data, generators, n_classes, progress):
+def train_epoch(args, model, optimizer, B, data, generators, n_classes, progress, where):
     """One pass over the shuffled training set; returns the mean training loss (the
     cross-entropy of the first pass's output for PEPITA)."""
     x_train, y_train = data
@@ -146,7 +146,7 @@ def train_epoch(args, model, optimizer, B, data, generators, n_classes, progress
             optimizer.step()
         loss = float(loss.detach())
         if not math.isfinite(loss):
-            raise DivergenceError(f"NaN or infinite output at batch {batch}: training "
+            raise DivergenceError(f"{where}, batch {batch}: NaN or infinite output, training "
                                   f"diverged; the learning rate (--eta {args.eta}) is likely "
                                   "too high")
         total_loss += loss * len(idx)
@@ -168,9 +168,11 @@ def load_torch(path):
         raise UsageError(f"{path} cannot be read ({err})") from None
 
 
-def save_checkpoint(folder, run, epoch, model, optimizer, B, generators, history):
+def save_checkpoint(folder, args, run, epoch, model, optimizer, B, generators, history):
+    """Everything an exact resume needs; epoch -1: run `run` has not started yet."""
     save_torch(Path(folder) / "checkpoint.pt", {
-        "run": run, "epoch": epoch, "model": model.state_dict(), "B": B,
+        "run": run, "epoch": epoch, "settings": vars(args), "model": model.state_dict(),
+        "B": B,
         "optimizer": optimizer.state_dict(),
         "generators": [g.get_state() for g in generators], "history": history})
 
@@ -206,8 +208,9 @@ def train(args):
             raise UsageError(f"--resume: {folder} holds no checkpoint; start the run "
                              "without --resume")
         state = load_torch(folder / "checkpoint.pt")
-        args.seed = state["history"]["seed"]
+        args.seed = utils.check_resume_settings(state["settings"], args)
     seed, _, run_seqs = utils.seed_sequences(args.seed, args.n_runs)
+    args.seed = seed  # recorded with the settings, so that a run can be repeated exactly
     x_train, y_train, x_test, y_test = load_tensors(code, args.data_dir, device)
     n_classes = DATASETS[code]["classes"]
     models.build_model(args.model, x_train.shape[1:], n_classes, args.w_init)  # fits data?
@@ -254,7 +257,7 @@ def train(args):
             with tqdm(total=len(x_train), desc=f"run {run} epoch {epoch + 1}", leave=False,
                       disable=None) as progress:
                 loss = train_epoch(args, model, optimizer, B, (x_train, y_train), generators,
-                                   n_classes, progress)
+                                   n_classes, progress, f"run {run} epoch {epoch + 1}")
             test_acc = accuracy(model, x_test, y_test)
             history["loss"][run].append(loss)
             history["test"][run].append(test_acc)
@@ -263,11 +266,11 @@ def train(args):
             history["epoch_time_s"][run].append(time.perf_counter() - tic)
             log.info("run %d epoch %d: loss %.4f, test accuracy %.2f%% (%.1f s)", run,
                      epoch + 1, loss, test_acc, history["epoch_time_s"][run][-1])
-            save_checkpoint(folder, run, epoch, model, optimizer, B, generators, history)
+            save_checkpoint(folder, args, run, epoch, model, optimizer, B, generators, history)
             write_results(folder, args, history)
         history["runs_finished"] = run + 1
         save_torch(folder / f"weights_run{run}.pt", {"model": model.state_dict(), "B": B})
-        save_checkpoint(folder, run + 1, -1, model, optimizer, B, generators, history)
+        save_checkpoint(folder, args, run + 1, -1, model, optimizer, B, generators, history)
     write_results(folder, args, history, final=True)
     finals = [run[-1] for run in history["test"]]
     log.info("test accuracy %.2f%% +- %.2f over %d run(s)", np.mean(finals), np.std(finals),

@@ -426,6 +426,23 @@ def set_rng_state(rng, state):
 # ------------------------------------------------------------------------------------------
 # Results folders, atomic writes, metrics and plots
 # ------------------------------------------------------------------------------------------
+RESUME_FREE_SETTINGS = {"resume", "overwrite", "VERBOSE", "data_dir", "results_dir", "seed",
+                        "device"}
+
+
+def check_resume_settings(saved, args):
+    """--resume continues with the interrupted run's settings: any other value is an
+    error. Returns the seed the run used."""
+    changed = [f"--{k} {getattr(args, k)} (was {v})" for k, v in saved.items()
+               if k not in RESUME_FREE_SETTINGS and getattr(args, k, v) != v]
+    if args.seed is not None and args.seed != saved["seed"]:
+        changed.append(f"--seed {args.seed} (was {saved['seed']})")
+    if changed:
+        raise UsageError("--resume with other settings than the interrupted run: "
+                         + ", ".join(changed) + "; resume with the same flags")
+    return saved["seed"]
+
+
 def results_folder(args, name):
     root = Path(args.results_dir)
     if args.nested_folder != "ignore":
@@ -437,9 +454,8 @@ def prepare_folder(folder, resume, overwrite):
     """Create the run folder; never mix with or silently replace an existing one."""
     folder = Path(folder)
     if resume:
-        if not any(folder.glob("checkpoint.*")):
-            raise UsageError(f"--resume: {folder} holds no checkpoint; start the run "
-                             "without --resume")
+        for leftover in folder.glob(".*.tmp"):  # a write cut short by the interruption
+            leftover.unlink()
         return folder
     if folder.exists():
         if not overwrite:
@@ -504,5 +520,5 @@ def plot_curves(path, curves, title, ylabel="accuracy"):
 def check_finite(values, where, eta):
     """Raise DivergenceError (with the likely cause) when values hold NaN or inf."""
     if not np.all(np.isfinite(values)):
-        raise DivergenceError(f"NaN or infinite values at {where}: training diverged; "
+        raise DivergenceError(f"{where}: NaN or infinite values, training diverged; "
                               f"the learning rate (--eta {eta}) is likely too high")
