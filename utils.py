@@ -522,3 +522,61 @@ def check_finite(values, where, eta):
     if not np.all(np.isfinite(values)):
         raise DivergenceError(f"{where}: NaN or infinite values, training diverged; "
                               f"the learning rate (--eta {eta}) is likely too high")
+
+
+# ------------------------------------------------------------------------------------------
+# Slowness (convergence rate) of a test-accuracy curve
+# ------------------------------------------------------------------------------------------
+def compute_slowness(test_curve, fit_epochs=None, in100=False, n_classes=10, ax=None,
+                     label=None):
+    """Fit acc(x) = acc_max * x / (a + x) to a test-accuracy curve; the slowness is a.
+
+    As the published notebook: the chance level (1 / n_classes, times 100 with in100) is
+    prepended at x = 0, the first fit_epochs points are kept (all when None), acc_max is
+    their maximum, and a is fitted by least squares from a = 0.5 (scipy's curve_fit).
+    Smaller a means faster convergence. test_curve holds fractions, or percent with in100.
+    With ax (a matplotlib Axes), the curve and the fit are drawn there, in percent.
+
+    Returns {"slowness": a, "acc_max": acc_max, "epochs": x, "curve": y, "fit": fitted y}.
+    """
+    from scipy.optimize import curve_fit
+    curve = np.asarray(test_curve, float).ravel()
+    if curve.size < 2:
+        raise ValueError(f"a slowness fit needs a test curve of at least 2 epochs, got "
+                         f"{curve.size}")
+    chance = (100.0 if in100 else 1.0) / n_classes
+    points = np.concatenate([[chance], curve])[:fit_epochs]
+    epochs = np.arange(len(points), dtype=float)
+    acc_max = float(points.max())
+
+    def model(x, a):
+        return acc_max * x / (a + x)
+
+    (slowness,), _ = curve_fit(model, epochs, points, p0=[0.5])
+    fitted = model(epochs, slowness)
+    if ax is not None:
+        to_percent = 1.0 if in100 else 100.0
+        line, = ax.plot(epochs, points * to_percent, ".", label=f"{label or 'test'} accuracy")
+        ax.plot(epochs, fitted * to_percent, "-", color=line.get_color(),
+                label=f"fit: slowness {slowness:.4f}")
+        ax.set(xlabel="epoch", ylabel="test accuracy (%)")
+        ax.legend()
+    return {"slowness": float(slowness), "acc_max": acc_max, "epochs": epochs,
+            "curve": points, "fit": fitted}
+
+
+def load_test_curves(folder):
+    """Test-accuracy curves (runs x epochs, fractions) of a results folder written by
+    main.py (validated runs) or main_pytorch.py, from its metrics.json."""
+    path = Path(folder) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no metrics.json: give a results folder "
+                                "written by main.py or main_pytorch.py")
+    metrics = json.loads(path.read_text())
+    runs = [run for run in metrics["test"] if run]
+    if not runs:
+        raise ValueError(f"{folder} has no per-epoch test accuracy: run main.py with "
+                         "--validation")
+    length = min(map(len, runs))
+    curves = np.array([run[:length] for run in runs], float)
+    return curves / 100 if metrics.get("accuracy_unit") == "percent" else curves
