@@ -87,12 +87,13 @@ def draw_masks(rng, model, n):
             for size in model.sizes[1:-1]]
 
 
-def forward(model, x, masks=None):
-    """Pre-activations of every layer and post-activations (masked) with the input first."""
+def forward(model, x, masks=None, first_pre=None):
+    """Pre-activations of every layer and post-activations (masked) with the input first.
+    first_pre: the first layer's pre-activation, when already known."""
     pre, post = [], [x]
     last = len(model.weights) - 1
     for l, (w, act) in enumerate(zip(model.weights, model.acts)):
-        a = post[-1] @ w.T
+        a = first_pre if l == 0 and first_pre is not None else post[-1] @ w.T
         h = ACTIVATIONS[act](a)
         if masks is not None and l < last:
             h *= masks[l]
@@ -129,14 +130,20 @@ def stack_factors(*factor_lists):
 def pepita_factors(model, x, t, masks, passes, sign=False):
     """PEPITA: pass k sees x + F e_{k-1}; every pass after the first contributes
     (h_prev - h) * mask for hidden layers (the mask a second time) and e_k for the output,
-    times the layer's input in that pass."""
-    post = forward(model, x, masks)[1]
+    times the layer's input in that pass.
+
+    The first layer is linear in its input, W_1 x' = W_1 x + (W_1 F) e: a product with the
+    small W_1 F replaces a second product with the whole batch (same values up to rounding).
+    """
+    pre, post = forward(model, x, masks)
+    W1_F = model.weights[0] @ model.F
     correct = n_correct(post[-1], t)
     per_pass = []
     for _ in range(passes - 1):
         e = post[-1] - t
-        x_mod = x + (np.sign(e) if sign else e) @ model.F.T
-        post_mod = forward(model, x_mod, masks)[1]
+        signal = np.sign(e) if sign else e
+        x_mod = x + signal @ model.F.T
+        post_mod = forward(model, x_mod, masks, first_pre=pre[0] + signal @ W1_F.T)[1]
         factors = []
         for l in range(len(model.weights) - 1):
             delta = post[l + 1] - post_mod[l + 1]
