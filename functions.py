@@ -92,11 +92,11 @@ def forward(model, x, masks=None, first_pre=None):
     first_pre: the first layer's pre-activation, when already known."""
     pre, post = [], [x]
     last = len(model.weights) - 1
-    for l, (w, act) in enumerate(zip(model.weights, model.acts)):
-        a = first_pre if l == 0 and first_pre is not None else post[-1] @ w.T
+    for layer, (w, act) in enumerate(zip(model.weights, model.acts)):
+        a = first_pre if layer == 0 and first_pre is not None else post[-1] @ w.T
         h = ACTIVATIONS[act](a)
-        if masks is not None and l < last:
-            h *= masks[l]
+        if masks is not None and layer < last:
+            h *= masks[layer]
         pre.append(a)
         post.append(h)
     return pre, post
@@ -122,9 +122,9 @@ def n_correct(y, t):
 # the optimiser turns them into a weight change with one matrix product per layer.
 # ------------------------------------------------------------------------------------------
 def stack_factors(*factor_lists):
-    return [(np.concatenate([f[l][0] for f in factor_lists]),
-             np.concatenate([f[l][1] for f in factor_lists]))
-            for l in range(len(factor_lists[0]))]
+    return [(np.concatenate([f[layer][0] for f in factor_lists]),
+             np.concatenate([f[layer][1] for f in factor_lists]))
+            for layer in range(len(factor_lists[0]))]
 
 
 def pepita_factors(model, x, t, masks, passes, sign=False):
@@ -145,11 +145,11 @@ def pepita_factors(model, x, t, masks, passes, sign=False):
         x_mod = x + signal @ model.F.T
         post_mod = forward(model, x_mod, masks, first_pre=pre[0] + signal @ W1_F.T)[1]
         factors = []
-        for l in range(len(model.weights) - 1):
-            delta = post[l + 1] - post_mod[l + 1]
+        for layer in range(len(model.weights) - 1):
+            delta = post[layer + 1] - post_mod[layer + 1]
             if masks is not None:
-                delta *= masks[l]
-            factors.append((delta, post_mod[l]))
+                delta *= masks[layer]
+            factors.append((delta, post_mod[layer]))
         factors.append((post_mod[-1] - t, post_mod[-2]))
         per_pass.append(factors)
         correct += n_correct(post_mod[-1], t)
@@ -164,19 +164,19 @@ def error_factors(model, x, t, masks, rule):
     e = post[-1] - t
     delta = e if model.acts[-1] == "softmax" else e * DERIVATIVES[model.acts[-1]](pre[-1])
     factors = [(delta, post[-2])]
-    for l in reversed(range(len(model.weights) - 1)):
+    for layer in reversed(range(len(model.weights) - 1)):
         if rule == "BP":
-            back = delta @ model.weights[l + 1]
+            back = delta @ model.weights[layer + 1]
         elif rule == "FA":
-            back = delta @ model.feedback[l].T
+            back = delta @ model.feedback[layer].T
         elif rule == "DFA":
-            back = e @ model.feedback[l].T
+            back = e @ model.feedback[layer].T
         else:  # DRTP
-            back = t @ model.feedback[l].T
-        delta = back * DERIVATIVES[model.acts[l]](pre[l])
+            back = t @ model.feedback[layer].T
+        delta = back * DERIVATIVES[model.acts[layer]](pre[layer])
         if masks is not None:
-            delta *= masks[l]
-        factors.insert(0, (delta, post[l]))
+            delta *= masks[layer]
+        factors.insert(0, (delta, post[layer]))
     return factors, n_correct(post[-1], t)
 
 
@@ -212,31 +212,31 @@ class Optimizer:
     def step(self, weights, factors, eta, scale):
         """Change weights in place with g_l = scale * D_l^T X_l (scale = 1 / B_eff)."""
         self.step_count += 1
-        for l, (w, (delta, inputs)) in enumerate(zip(weights, factors)):
-            g = self.scratch[l]
+        for layer, (w, (delta, inputs)) in enumerate(zip(weights, factors)):
+            g = self.scratch[layer]
             if self.kind in ("SGD", "mom"):  # fold eta into the small factor: eta g
                 np.matmul((delta * (eta * scale)).T, inputs, out=g)
                 if self.kind == "SGD":      # W -= eta g
                     w -= g
                 else:                       # V = 0.9 V + eta g; W -= V
-                    v = self.buffers[0][l]
+                    v = self.buffers[0][layer]
                     v *= MOMENTUM
                     v += g
                     w -= v
                 continue
             np.matmul((delta * scale).T, inputs, out=g)
             if self.kind == "NAG":          # V = 0.9 V + eta g; W -= 0.9 V + eta g
-                v = self.buffers[0][l]
+                v = self.buffers[0][layer]
                 v *= MOMENTUM
                 v += eta * g
                 w -= MOMENTUM * v + eta * g
             elif self.kind == "rmsprop":    # s = rho s + (1 - rho) g^2
-                s = self.buffers[0][l]
+                s = self.buffers[0][layer]
                 s *= RMSPROP_RHO
                 s += (1 - RMSPROP_RHO) * g * g
                 w -= eta * g / (np.sqrt(s) + EPSILON)
             else:                           # Adam with bias correction
-                m, v = self.buffers[0][l], self.buffers[1][l]
+                m, v = self.buffers[0][layer], self.buffers[1][layer]
                 m *= ADAM_BETA1
                 m += (1 - ADAM_BETA1) * g
                 v *= ADAM_BETA2

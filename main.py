@@ -171,9 +171,13 @@ def load_data(args, code, data_rng, dtype):
     else:
         x_val, y_val = x_test, y_test
 
-    def prepare(images, labels):
-        x = images.reshape(len(images), -1).astype(dtype) / dtype(255)
-        return (2 * x - 1 if args.zeromean else x), utils.one_hot(labels, classes, dtype)
+    def prepare(images, labels):  # in place: one float copy of the dataset at a time
+        x = images.reshape(len(images), -1).astype(dtype)
+        x /= 255
+        if args.zeromean:
+            x *= 2
+            x -= 1
+        return x, utils.one_hot(labels, classes, dtype)
 
     raw = x_train[..., 0] if args.deformation else None
     test_set = prepare(x_test, y_test)
@@ -198,8 +202,8 @@ def deformed(raw, rng, zeromean, dtype):
 # Weights and checkpoints (numpy .npz, loaded with allow_pickle=False)
 # ------------------------------------------------------------------------------------------
 def model_arrays(model):
-    arrays = {f"W{l}": w for l, w in enumerate(model.weights)}
-    arrays.update({f"B{l}": b for l, b in enumerate(model.feedback)})
+    arrays = {f"W{layer}": w for layer, w in enumerate(model.weights)}
+    arrays.update({f"B{layer}": b for layer, b in enumerate(model.feedback)})
     if model.F is not None:
         arrays["F"] = model.F
     return arrays
@@ -226,10 +230,10 @@ def continue_from(args, model):
         raise UsageError(f"--continue_training_path: {path} does not exist; give a results "
                          "folder holding weights_run0.npz, or a weights .npz file")
     saved = load_npz(path)
-    for l, w in enumerate(model.weights):
-        stored = saved.get(f"W{l}")
+    for layer, w in enumerate(model.weights):
+        stored = saved.get(f"W{layer}")
         if stored is None or stored.shape != w.shape:
-            raise UsageError(f"--continue_training_path: {path} holds no weights W{l} of "
+            raise UsageError(f"--continue_training_path: {path} holds no weights W{layer} of "
                              f"shape {w.shape}; it comes from another architecture")
         w[...] = stored
     if model.F is not None and saved.get("F") is not None and saved["F"].shape == model.F.shape:
@@ -239,10 +243,10 @@ def continue_from(args, model):
 def save_checkpoint(folder, args, run, epoch, model, optimizer, carry, rngs, history):
     """Everything an exact resume needs; epoch -1: run `run` has not started yet."""
     arrays = model_arrays(model)
-    arrays.update({f"opt{k}_{l}": b for k, buffers in enumerate(optimizer.buffers)
-                   for l, b in enumerate(buffers)})
+    arrays.update({f"opt{k}_{layer}": b for k, buffers in enumerate(optimizer.buffers)
+                   for layer, b in enumerate(buffers)})
     if carry.factors is not None:
-        arrays.update({f"carry{k}_{l}": f for l, pair in enumerate(carry.factors)
+        arrays.update({f"carry{k}_{layer}": f for layer, pair in enumerate(carry.factors)
                        for k, f in enumerate(pair)})
     arrays["state"] = np.array(json.dumps({
         "run": run, "epoch": epoch, "settings": vars(args), "opt_steps": optimizer.step_count,
@@ -258,11 +262,11 @@ def restore_checkpoint(folder, model, optimizer, carry, rngs):
     for name, array in model_arrays(model).items():
         array[...] = saved[name]
     for k, buffers in enumerate(optimizer.buffers):
-        for l, b in enumerate(buffers):
-            b[...] = saved[f"opt{k}_{l}"]
+        for layer, b in enumerate(buffers):
+            b[...] = saved[f"opt{k}_{layer}"]
     optimizer.step_count = state["opt_steps"]
-    carry.factors = ([(saved[f"carry0_{l}"], saved[f"carry1_{l}"])
-                      for l in range(len(model.weights))] if "carry0_0" in saved else None)
+    carry.factors = ([(saved[f"carry0_{layer}"], saved[f"carry1_{layer}"])
+                      for layer in range(len(model.weights))] if "carry0_0" in saved else None)
     for name, rng in rngs.items():
         utils.set_rng_state(rng, state["rngs"][name])
     return state["epoch"]
@@ -286,8 +290,8 @@ def write_results(folder, args, history, seed, total_time, final=False):
     if args.check_cos_norm:
         utils.write_table(folder / "angles.txt", history["angles"])
         utils.write_table(folder / "Anorm.txt", history["norms"])
-    summary = {key: (float(np.mean(history[f"final_{key}"])), float(np.std(history[f"final_{key}"])))
-               for key in ("train", "val", "test") if history[f"final_{key}"]}
+    finals = {key: history[f"final_{key}"] for key in ("train", "val", "test")}
+    summary = {key: (float(np.mean(v)), float(np.std(v))) for key, v in finals.items() if v}
     lines = [f"{k}: {v}" for k, v in sorted(vars(args).items())]
     lines += [f"seed used: {seed}"]
     lines += [f"final {k} accuracy: mean {m:.4f} std {s:.4f}" for k, (m, s) in summary.items()]

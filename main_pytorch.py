@@ -110,6 +110,7 @@ def accuracy(model, x, y, chunk=2000):
     return 100.0 * correct / len(x)
 
 
+@torch.no_grad()
 def angle_with_B(model, B):
     """Angle in degrees between flatten(W_1^T ... W_L^T) and flatten(B), and ||W_1||."""
     product = model.layers[0].weight.T

@@ -31,29 +31,37 @@ class FCNet(nn.Module):
                 layer.weight.copy_(torch.from_numpy(init_weight(rng, w_init, n_out, n_in,
                                                                 np.float32)))
 
-    def forward(self, x, masks=None, logits=False):
-        """Output (softmax, or logits for BP) and post-activations, the input first."""
+    def forward(self, x, masks=None, logits=False, first_pre=None):
+        """Output (softmax, or logits for BP) and (post-activations with the input first,
+        the first layer's pre-activation). first_pre: that pre-activation, when known."""
         h = x.flatten(1)
         hidden = [h]
-        for l, layer in enumerate(self.layers[:-1]):
-            h = F.relu(layer(h))
+        pre = first_pre if first_pre is not None else self.layers[0](h)
+        for index, layer in enumerate(self.layers[:-1]):
+            h = F.relu(pre if index == 0 else layer(h))
             if masks is not None:
-                h = h * masks[l]
+                h = h * masks[index]
             hidden.append(h)
-        out = self.layers[-1](h)
-        return (out if logits else F.softmax(out, dim=1)), hidden
+        out = self.layers[-1](h) if len(self.layers) > 1 else pre
+        return (out if logits else F.softmax(out, dim=1)), (hidden, pre)
 
     def mask_sizes(self):
         return self.sizes[1:-1]
 
+    def modulated_pass(self, x_mod, masks, first, e, B):
+        """The second pass. The first layer is linear, W_1 x' = W_1 x + (W_1 B) e: a product
+        with the small W_1 B replaces one with the whole batch (same values up to rounding)."""
+        first_pre = first[1][1] + e @ (self.layers[0].weight @ B).T
+        return self(x_mod, masks, first_pre=first_pre)
+
     def pepita_grads(self, first, second, e, e_mod, batch_size, sqrt_conv=False):
         """Hidden layers: dW = -(h - h')^T h'_prev (input: the modulated x'); last layer:
-        dW = -e'^T h'_last."""
-        (_, hidden), (_, hidden_mod) = first, second
-        grads = [(h - h_mod).T @ h_prev_mod
+        dW = -e'^T h'_last. The 1 / batch_size goes on the small factor."""
+        (_, (hidden, _)), (_, (hidden_mod, _)) = first, second
+        grads = [((h - h_mod) / batch_size).T @ h_prev_mod
                  for h, h_mod, h_prev_mod in zip(hidden[1:], hidden_mod[1:], hidden_mod[:-1])]
-        grads.append(e_mod.T @ hidden_mod[-1])
-        return [g / batch_size for g in grads]
+        grads.append((e_mod / batch_size).T @ hidden_mod[-1])
+        return grads
 
 
 def patch_rows(x, size):
@@ -95,6 +103,10 @@ class ConvNet(nn.Module):
     def mask_sizes(self):
         return []
 
+    def modulated_pass(self, x_mod, masks, first, e, B):
+        """The second pass (the conv layer gains nothing from linearity: a full pass)."""
+        return self(x_mod, masks)
+
     def pepita_grads(self, first, second, e, e_mod, batch_size, sqrt_conv=False):
         """fc: dW = -e^T pooled' (the FIRST pass's error, the second pass's features).
         conv: dW = mean over the batch and positions of (h - h') * patch of x', added without
@@ -105,7 +117,7 @@ class ConvNet(nn.Module):
         scale = math.sqrt(positions) if sqrt_conv else positions
         conv_dw = ((features - features_mod).T @ rows_mod).view_as(self.conv.weight)
         conv_dw /= n * scale
-        return [-conv_dw / batch_size, e.T @ pooled_mod / batch_size]
+        return [-conv_dw / batch_size, (e / batch_size).T @ pooled_mod]
 
 
 MODELS = {
@@ -159,7 +171,7 @@ def pepita_step(model, optimizer, x, target, B, masks, batch_size, sqrt_conv=Fal
     first = model(x, masks)
     e = first[0] - target
     x_mod = x + (e @ B.T).view_as(x)
-    second = model(x_mod, masks)
+    second = model.modulated_pass(x_mod, masks, first, e, B)
     e_mod = second[0] - target
     grads = model.pepita_grads(first, second, e, e_mod, batch_size, sqrt_conv=sqrt_conv)
     for layer, g in zip(model.layers, grads):

@@ -28,11 +28,11 @@ def act_derivative(name, a):
 def sample_forward(weights, x, masks):
     """Pre-activations and (masked) post-activations of one sample, input first."""
     pre, post = [], [x]
-    for l, w in enumerate(weights):
+    for layer, w in enumerate(weights):
         a = w @ post[-1]
-        h = act(ACTS[l], a)
-        if l < len(weights) - 1:
-            h = h * masks[l]
+        h = act(ACTS[layer], a)
+        if layer < len(weights) - 1:
+            h = h * masks[layer]
         pre.append(a)
         post.append(h)
     return pre, post
@@ -49,9 +49,9 @@ def sample_update(model, rule, x, t, masks, passes):
             e = post[-1] - t
             x_mod = x + model.F @ (np.sign(e) if rule == "ERINsign" else e)
             pre_mod, post_mod = sample_forward(W, x_mod, masks)
-            for l in range(len(W) - 1):
-                delta = (post[l + 1] - post_mod[l + 1]) * masks[l]
-                G[l] += np.outer(delta, post_mod[l])
+            for layer in range(len(W) - 1):
+                delta = (post[layer + 1] - post_mod[layer + 1]) * masks[layer]
+                G[layer] += np.outer(delta, post_mod[layer])
             G[-1] += np.outer(post_mod[-1] - t, post_mod[-2])
             correct += int(post_mod[-1].argmax() == t.argmax())
             post = post_mod
@@ -59,17 +59,17 @@ def sample_update(model, rule, x, t, masks, passes):
     e = post[-1] - t
     delta = e
     G[-1] += np.outer(delta, post[-2])
-    for l in reversed(range(len(W) - 1)):
+    for layer in reversed(range(len(W) - 1)):
         if rule == "BP":
-            back = W[l + 1].T @ delta
+            back = W[layer + 1].T @ delta
         elif rule == "FA":
-            back = model.feedback[l] @ delta
+            back = model.feedback[layer] @ delta
         elif rule == "DFA":
-            back = model.feedback[l] @ e
+            back = model.feedback[layer] @ e
         else:
-            back = model.feedback[l] @ t
-        delta = back * act_derivative(ACTS[l], pre[l]) * masks[l]
-        G[l] += np.outer(delta, post[l])
+            back = model.feedback[layer] @ t
+        delta = back * act_derivative(ACTS[layer], pre[layer]) * masks[layer]
+        G[layer] += np.outer(delta, post[layer])
     return [g * passes for g in G], correct * passes
 
 
@@ -83,24 +83,24 @@ class ReferenceOptimizer:
 
     def update(self, weights, G, eta, b_eff):
         self.t += 1
-        for l, w in enumerate(weights):
-            g = G[l] / b_eff
+        for layer, w in enumerate(weights):
+            g = G[layer] / b_eff
             if self.kind == "SGD":
                 w -= eta * g
             elif self.kind == "mom":
-                self.v[l] = 0.9 * self.v[l] + eta * g
-                w -= self.v[l]
+                self.v[layer] = 0.9 * self.v[layer] + eta * g
+                w -= self.v[layer]
             elif self.kind == "NAG":
-                self.v[l] = 0.9 * self.v[l] + eta * g
-                w -= 0.9 * self.v[l] + eta * g
+                self.v[layer] = 0.9 * self.v[layer] + eta * g
+                w -= 0.9 * self.v[layer] + eta * g
             elif self.kind == "rmsprop":
-                self.s[l] = 0.9 * self.s[l] + 0.1 * g ** 2
-                w -= eta * g / (np.sqrt(self.s[l]) + 1e-8)
+                self.s[layer] = 0.9 * self.s[layer] + 0.1 * g ** 2
+                w -= eta * g / (np.sqrt(self.s[layer]) + 1e-8)
             else:
-                self.v[l] = 0.9 * self.v[l] + 0.1 * g
-                self.s[l] = 0.999 * self.s[l] + 0.001 * g ** 2
-                m_hat = self.v[l] / (1 - 0.9 ** self.t)
-                s_hat = self.s[l] / (1 - 0.999 ** self.t)
+                self.v[layer] = 0.9 * self.v[layer] + 0.1 * g
+                self.s[layer] = 0.999 * self.s[layer] + 0.001 * g ** 2
+                m_hat = self.v[layer] / (1 - 0.9 ** self.t)
+                s_hat = self.s[layer] / (1 - 0.999 ** self.t)
                 w -= eta * m_hat / (np.sqrt(s_hat) + 1e-8)
 
 
@@ -146,7 +146,8 @@ def run_both(rule, update="mom", passes=2, keep=0.8, n=50, batch_size=8, epochs=
         chunks = [fn.draw_masks(mask_rng, reference, len(order[s:s + batch_size]))
                   or [np.ones((len(order[s:s + batch_size]), k)) for k in SIZES[1:-1]]
                   for s in range(0, n, batch_size)]
-        masks.append([np.concatenate([c[l] for c in chunks]) for l in range(len(SIZES) - 2)])
+        masks.append([np.concatenate([c[layer] for c in chunks])
+                      for layer in range(len(SIZES) - 2)])
     ref_accuracies = reference_epochs(reference, rule, update, x, t, orders, batch_size,
                                       passes, 0.05, masks)
     return model, reference, accuracies, ref_accuracies
@@ -206,8 +207,8 @@ def test_bp_deltas_equal_finite_difference_gradient():
 
     factors, _ = fn.error_factors(model, x, t, masks, "BP")
     eps = 1e-6
-    for l, w in enumerate(model.weights):
-        analytic = factors[l][0].T @ factors[l][1]
+    for layer, w in enumerate(model.weights):
+        analytic = factors[layer][0].T @ factors[layer][1]
         numeric = np.zeros_like(w)
         for idx in np.ndindex(w.shape):
             saved = w[idx]

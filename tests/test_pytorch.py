@@ -81,7 +81,8 @@ def test_fc_pepita_step_equals_layer_formulas():
     masks = models.draw_masks(model, gen, 8, 0.9, "cpu")
     assert masks[0].shape == (8, 1024)
     torch.testing.assert_close(masks[0].unique(), torch.tensor([0, 1 / 0.9]))
-    optimizer = models.make_optimizer("mom", "ERIN", [l.weight for l in model.layers], 0.01)
+    weights = [layer.weight for layer in model.layers]
+    optimizer = models.make_optimizer("mom", "ERIN", weights, 0.01)
     models.pepita_step(model, optimizer, x, t, B, masks, batch_size=8)
 
     xf = x.flatten(1)

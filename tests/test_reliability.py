@@ -59,7 +59,8 @@ def test_numpy_kill_and_resume_is_exact(tmp_path, bigger_mnist):
 
     straight, killed = tmp_path / "straight" / folder_name, checkpoint.parent
     for run in range(2):
-        a, b = np.load(straight / f"weights_run{run}.npz"), np.load(killed / f"weights_run{run}.npz")
+        a = np.load(straight / f"weights_run{run}.npz")
+        b = np.load(killed / f"weights_run{run}.npz")
         assert all(np.array_equal(a[k], b[k]) for k in a.files)
     metrics_a = json.loads((straight / "metrics.json").read_text())
     metrics_b = json.loads((killed / "metrics.json").read_text())

@@ -1,0 +1,317 @@
+"""Speed benchmark: this project against the published loop structures, side by side, in one
+run on this machine. Not a test (pytest does not collect it); run it as
+
+    python tests/bench_speed.py            # about 4 minutes on 2 cores
+    python tests/bench_speed.py --repeats 1
+
+It prints one table: the median of --repeats timings of each figure, the speed-ups, and the
+fraction of the arithmetic floor (FLOPs / the rate of a large matrix product timed here).
+Data are random arrays of the real shapes (MNIST 60000 x 784, CIFAR-10 50000 x 3x32x32).
+"""
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import functions as fn  # noqa: E402
+import main_pytorch  # noqa: E402
+import models  # noqa: E402
+import utils  # noqa: E402
+
+SIZES = [784, 1024, 10]
+N_TRAIN, N_TEST, BATCH = 60000, 10000, 64
+
+
+def median_time(run, repeats):
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+# ---- a. numpy PEPITA epoch ---------------------------------------------------------------
+def mnist_like(dtype, rng):
+    x = rng.random((N_TRAIN + N_TEST, 784)).astype(dtype)
+    t = np.eye(10, dtype=dtype)[rng.integers(0, 10, N_TRAIN + N_TEST)]
+    return x[:N_TRAIN], t[:N_TRAIN], x[N_TRAIN:], t[N_TRAIN:]
+
+
+def published_style_seconds(dtype, n_samples, repeats):
+    """The published structure: one sample and one pass at a time, outer products summed
+    per sample, the weights changed every BATCH samples; timed on n_samples, scaled to an
+    epoch of 60000 plus a per-sample validation of 10000."""
+    rng = np.random.default_rng(0)
+    x, t, x_test, _ = mnist_like(dtype, rng)
+    model = fn.init_model(rng, "ERIN", SIZES, ["relu", "softmax"], "he_uniform", 0.9, dtype)
+    W1, W2 = model.weights
+    G1, G2, V1, V2 = (np.zeros_like(w) for w in (W1, W2, W1, W2))
+
+    def softmax(a):
+        z = np.exp(a - a.max())
+        return z / z.sum()
+
+    def train():
+        for i in range(n_samples):
+            mask = (rng.random(1024) < 0.9) / dtype(0.9)
+            h = np.maximum(W1 @ x[i], 0) * mask
+            e = softmax(W2 @ h) - t[i]
+            x_mod = x[i] + model.F @ e
+            h_mod = np.maximum(W1 @ x_mod, 0) * mask
+            e_mod = softmax(W2 @ h_mod) - t[i]
+            G1[...] += np.outer((h - h_mod) * mask, x_mod)
+            G2[...] += np.outer(e_mod, h_mod)
+            if (i + 1) % BATCH == 0:
+                for W, G, V in ((W1, G1, V1), (W2, G2, V2)):
+                    V *= 0.9
+                    V += 0.1 * G / BATCH
+                    W -= V
+                    G[...] = 0
+
+    def validate():
+        for i in range(n_samples):
+            softmax(W2 @ np.maximum(W1 @ x_test[i], 0))
+
+    train_s = median_time(train, repeats) * N_TRAIN / n_samples
+    return train_s + median_time(validate, repeats) * N_TEST / n_samples
+
+
+def engine_seconds(dtype, repeats):
+    rng = np.random.default_rng(0)
+    x, t, x_test, t_test = mnist_like(dtype, rng)
+    model = fn.init_model(rng, "ERIN", SIZES, ["relu", "softmax"], "he_uniform", 0.9, dtype)
+    optimizer, carry = fn.Optimizer("mom", model.weights), fn.Carry()
+
+    def epoch():
+        fn.train_epoch(model, optimizer, "ERIN", x, t, rng.permutation(N_TRAIN), BATCH, 2, 0.1,
+                       rng, carry)
+        fn.accuracy(model, x_test, t_test.argmax(1))
+
+    return median_time(epoch, repeats)
+
+
+def floor_seconds(dtype, repeats):
+    """FLOPs of a PEPITA epoch (two passes, the outer products, validation) divided by the
+    rate of a large matrix product measured now."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((4096, 784)).astype(dtype), rng.random((784, 1024)).astype(dtype)
+    rate = 2 * 4096 * 784 * 1024 / median_time(lambda: a @ b, max(repeats, 5) * 4)
+    forward = 2 * (784 * 1024 + 1024 * 10)
+    flops = N_TRAIN * (3 * forward + 2 * 784 * 10) + N_TEST * forward
+    return flops / rate, rate
+
+
+def epoch_peak_memory_mb():
+    """Peak resident memory of main.py running the paper's MNIST command for one epoch on
+    the real MNIST in ../shared, measured inside that process (None when absent)."""
+    data = ROOT.parent / "shared" / "data" / "mnist"
+    if not data.is_dir():
+        return None
+    with tempfile.TemporaryDirectory() as results:
+        argv = ["main.py", "--train_epochs", "1", "--n_hlayers", "1", "--eta", "0.1",
+                "--eta_decay", "--validation", "--data_dir", str(data), "--results_dir", results]
+        code = (f"import resource, runpy, sys; sys.argv = {argv!r}\n"
+                "try:\n    runpy.run_path('main.py', run_name='__main__')\n"
+                "except SystemExit:\n    pass\n"
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                             capture_output=True, text=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+# ---- b. PyTorch tutorial epoch (3072-1024-10, CIFAR-shaped) --------------------------------
+class PerImageDataset(torch.utils.data.Dataset):
+    """As torchvision's CIFAR10: each item converted from a PIL image with ToTensor."""
+
+    def __init__(self, images, labels):
+        from torchvision import transforms
+        self.images, self.labels, self.to_tensor = images, labels, transforms.ToTensor()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.to_tensor(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+class HookedNet(nn.Module):
+    """The published tutorial's net: activations collected by forward hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3072, 1024, bias=False)
+        self.fc2 = nn.Linear(1024, 10, bias=False)
+        self.activations = {}
+        for name, module in (("fc1", self.fc1), ("fc2", self.fc2)):
+            module.register_forward_hook(self.keeper(name))
+
+    def keeper(self, name):
+        def hook(module, inputs, output):
+            self.activations[name] = (inputs[0], output)
+        return hook
+
+    def forward(self, x, mask=None):
+        h = F.relu(self.fc1(x.view(-1, 3072)))
+        return F.softmax(self.fc2(h * mask if mask is not None else h), dim=1)
+
+
+def published_tutorial_seconds(images, labels, test_images, test_labels, batches, repeats):
+    net = HookedNet()
+    B = models.projection_matrix(torch.Generator().manual_seed(0), 3072, 10)
+    velocity = [torch.zeros_like(net.fc1.weight), torch.zeros_like(net.fc2.weight)]
+    train_loader = torch.utils.data.DataLoader(PerImageDataset(images, labels),
+                                               batch_size=BATCH, shuffle=True)
+    test_loader = torch.utils.data.DataLoader(PerImageDataset(test_images, test_labels),
+                                              batch_size=BATCH)
+
+    @torch.no_grad()
+    def train():
+        for i, (x, y) in enumerate(train_loader):
+            if i == batches:
+                break
+            t = F.one_hot(y, 10).float()
+            mask = (torch.rand(len(x), 1024) < 0.9).float() / 0.9
+            e = net(x, mask) - t
+            h1 = F.relu(net.activations["fc1"][1]) * mask
+            x_mod = x.view(-1, 3072) + e @ B.T
+            e_mod = net(x_mod, mask) - t
+            h1_mod = F.relu(net.activations["fc1"][1]) * mask
+            for W, dW, V in ((net.fc1.weight, (h1 - h1_mod).T @ x_mod, velocity[0]),
+                             (net.fc2.weight, e_mod.T @ h1_mod, velocity[1])):
+                V.mul_(0.9).add_(dW, alpha=0.01 / BATCH)
+                W.sub_(V)
+
+    @torch.no_grad()
+    def test():
+        for i, (x, y) in enumerate(test_loader):
+            if i == batches // 5:
+                break
+            net(x).argmax(1).eq(y).sum()
+
+    n_batches = -(-len(images) // BATCH)
+    return (median_time(train, repeats) * n_batches / batches +
+            median_time(test, repeats) * len(test_images) / (BATCH * (batches // 5)))
+
+
+def project_epoch_seconds(model_name, x, y, x_test, y_test, batch_size, repeats):
+    model = models.build_model(model_name, x.shape[1:], 10, "he_uniform",
+                               np.random.default_rng(0))
+    B = models.projection_matrix(torch.Generator().manual_seed(0), x[0].numel(), 10)
+    weights = [layer.weight for layer in model.layers]
+    optimizer = models.make_optimizer("mom", "ERIN", weights, 0.01)
+    args = SimpleNamespace(learn_type="ERIN", batch_size=batch_size, dropout=0.9, eta=0.01,
+                           sqrt_conv=False)
+    generators = (torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    progress = SimpleNamespace(update=lambda n: None)
+
+    def epoch():
+        main_pytorch.train_epoch(args, model, optimizer, B, (x, y), generators, 10, progress,
+                                 "bench")
+        main_pytorch.accuracy(model, x_test, y_test)
+
+    return median_time(epoch, repeats)
+
+
+# ---- c. the conv update of Net1conv1fcXL for one batch of 50 -----------------------------
+def conv_update_seconds(repeats):
+    torch.manual_seed(0)
+    model = models.ConvNet(1, 28, 10)
+    x_mod = torch.rand(50, 1, 28, 28)
+    with torch.no_grad():
+        h = F.relu(F.conv2d(torch.rand(50, 1, 28, 28), model.conv.weight))
+        h_mod = F.relu(F.conv2d(x_mod, model.conv.weight))
+
+    @torch.no_grad()
+    def published_loop():
+        dw = torch.zeros_like(model.conv.weight)
+        for r in range(24):
+            for c in range(24):
+                patch = x_mod[:, :, r:r + 5, c:c + 5]
+                delta = (h - h_mod)[:, :, r, c]
+                dw += torch.einsum("no,nikl->oikl", delta, patch) / 50
+        return dw / 576
+
+    features = (h - h_mod).permute(0, 2, 3, 1).reshape(-1, 32)
+
+    @torch.no_grad()
+    def ours():  # the patch rows of x' (built by the forward pass) times (h - h')
+        rows = models.patch_rows(x_mod, 5)
+        return (features.T @ rows).view_as(model.conv.weight) / (50 * 576)
+
+    torch.testing.assert_close(ours(), published_loop(), rtol=1e-4, atol=1e-7)
+    return median_time(published_loop, repeats), median_time(ours, max(repeats, 5) * 10)
+
+
+# ---- the table ---------------------------------------------------------------------------
+def main():
+    parser = argparse.ArgumentParser(description="speed benchmark (see the docstring)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=2000,
+                        help="samples timed in the per-sample loops (scaled to an epoch)")
+    args = parser.parse_args()
+    utils.keep_freed_memory()
+    peak = epoch_peak_memory_mb()  # first, while this process is still small
+    rows = []
+
+    for dtype in (np.float64, np.float32):
+        name = np.dtype(dtype).name
+        loop = published_style_seconds(dtype, args.samples, args.repeats)
+        ours = engine_seconds(dtype, args.repeats)
+        floor, rate = floor_seconds(dtype, args.repeats)
+        rows.append((f"numpy PEPITA MNIST epoch, {name}", loop, ours,
+                     f"floor {floor:.2f} s at {rate / 1e9:.0f} GFLOP/s: ours = "
+                     f"{ours / floor:.2f} x floor"))
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 50000)
+    test_images, test_labels = images[:10000], labels[:10000]
+
+    def to_tensor(images):
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).contiguous()
+
+    published = published_tutorial_seconds(images, labels, test_images, test_labels, 100,
+                                           args.repeats)
+    ours = project_epoch_seconds("NetFC1x1024DOcust_cif", to_tensor(images),
+                                 torch.from_numpy(labels), to_tensor(test_images),
+                                 torch.from_numpy(test_labels), BATCH, args.repeats)
+    rows.append(("tutorial epoch, CIFAR-10 3072-1024-10", published, ours,
+                 "published: per-image ToTensor DataLoader, hooks"))
+
+    loop, ours = conv_update_seconds(args.repeats)
+    rows.append(("conv update, Net1conv1fcXL, batch 50", loop, ours, "loop over 576 positions"))
+
+    mnist = torch.from_numpy(rng.integers(0, 256, (N_TRAIN + N_TEST, 1, 28, 28),
+                                          dtype=np.uint8)).float().div(255)
+    digits = torch.from_numpy(rng.integers(0, 10, N_TRAIN + N_TEST))
+    conv_epoch = project_epoch_seconds("Net1conv1fcXL", mnist[:N_TRAIN], digits[:N_TRAIN],
+                                       mnist[N_TRAIN:], digits[N_TRAIN:], 50, args.repeats)
+    rows.append(("conv MNIST epoch (ours only)", float("nan"), conv_epoch,
+                 "published: about 180 s"))
+
+    print(f"\n{'figure':40s} {'published':>11s} {'ours':>9s} {'speed-up':>9s}  notes")
+    for name, theirs, ours, note in rows:
+        speedup = theirs / ours if theirs == theirs else float("nan")
+        print(f"{name:40s} {theirs:10.3f}s {ours:8.3f}s {speedup:8.1f}x  {note}")
+    if peak is not None:
+        print(f"peak memory of main.py, one MNIST epoch (float64, data included): "
+              f"{peak:.0f} MB")
+    print(f"medians of {args.repeats} repeats; torch threads {torch.get_num_threads()}")
+
+
+if __name__ == "__main__":
+    main()
