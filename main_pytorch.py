@@ -183,6 +183,9 @@ def write_results(folder, args, history, final=False):
     for r, (losses, test) in enumerate(zip(history["loss"], history["test"])):
         utils.write_table(folder / f"losses_run{r}.txt", [[v] for v in losses])
         utils.write_table(folder / f"test_acc_run{r}.txt", [[v] for v in test])
+    if args.check_cos_norm:
+        utils.write_table(folder / "angles.txt", history["angles"])
+        utils.write_table(folder / "Anorm.txt", history["norms"])
     finished = [run[-1] for run in history["test"][:history["runs_finished"]]]
     summary = ({"test_mean": float(np.mean(finished)), "test_std": float(np.std(finished))}
                if finished else {})
@@ -214,6 +217,7 @@ def train(args):
     args.seed = seed  # recorded with the settings, so that a run can be repeated exactly
     x_train, y_train, x_test, y_test = load_tensors(code, args.data_dir, device)
     n_classes = DATASETS[code]["classes"]
+    log.debug("training set %s, test set %s", tuple(x_train.shape), tuple(x_test.shape))
     models.build_model(args.model, x_train.shape[1:], n_classes, args.w_init)  # fits data?
     utils.prepare_folder(folder, args.resume, args.overwrite)
     log.info("%s %s on %s (%s), results in %s", args.model, args.learn_type, code, device,
@@ -255,6 +259,8 @@ def train(args):
             if epoch in decay_epochs(args, code):
                 for group in optimizer.param_groups:
                     group["lr"] *= 0.1
+            log.debug("run %d epoch %d: learning rate %g", run, epoch + 1,
+                      optimizer.param_groups[0]["lr"])
             with tqdm(total=len(x_train), desc=f"run {run} epoch {epoch + 1}", leave=False,
                       disable=None) as progress:
                 loss = train_epoch(args, model, optimizer, B, (x_train, y_train), generators,

@@ -335,6 +335,13 @@ def positive_int(text):
     return value
 
 
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def keep_probability(text):
     value = float(text)
     if not 0 < value <= 1:
@@ -352,7 +359,7 @@ def add_common_arguments(parser, *, exp_name, learn_types, update_types, train_e
         help="learning rule (ERIN = PEPITA)")
     add("--n_runs", "-r", type=positive_int, default=1, help="repetitions of the whole run")
     add("--train_epochs", "-trep", type=positive_int, default=train_epochs, help="epochs")
-    add("--eta", "-eta", type=float, default=0.01, help="learning rate")
+    add("--eta", "-eta", type=non_negative_float, default=0.01, help="learning rate")
     add("--dropout", "-do", type=keep_probability, default=0.9,
         help="dropout KEEP probability (0.9 drops 10%%)")
     add("--check_cos_norm", "-check_cos_norm", action="store_true",

@@ -130,6 +130,8 @@ def test_continue_training_starts_from_saved_weights(tmp_path, mnist_dir):
     (["--mnist", "--cifar10"], "two datasets"),
     (["--dataset", "fmn", "--mnist"], "two datasets"),
     (["--train_epochs", "0"], "positive integer"),
+    (["--eta", "-0.1"], ">= 0"),
+    (["--eta", "nan"], ">= 0"),
     (["--batch_size", "-3"], "positive integer"),
     (["--n_runs", "0"], "positive integer"),
     (["--dropout", "0"], "KEEP probability"),

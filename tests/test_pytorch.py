@@ -172,6 +172,9 @@ def test_pytorch_flags_on_mnist(tmp_path, mnist_dir, flags):
                        "--seed", "1", *flags)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["status"] == "finished" and 0 <= metrics["test"][0][0] <= 100
+    if "--check_cos_norm" in flags:
+        angles = np.loadtxt(folder / "angles.txt")
+        assert angles.shape == (2,) and 0 < angles.min() and angles.max() < 180
 
 
 def test_freeze_conv_keeps_the_conv_fixed(tmp_path, mnist_dir):
