@@ -6,8 +6,8 @@ post[0] is the input, post[l + 1] = f(pre[l]) * mask_l for hidden layers, post[L
 
 The published code loops over single samples and changes the weights only after every
 batch_size-th sample of an epoch, so every sample of a batch sees the same weights and the
-sum of the per-sample outer products is one matrix product (tests/test_equivalence.py checks
-this against a per-sample loop).
+sum of the per-sample outer products is one matrix product (tests/test_numpy_equivalence.py
+checks this against a per-sample loop).
 """
 from dataclasses import dataclass, field
 

@@ -10,6 +10,7 @@ The paper's MNIST command (98.01% after 100 epochs; about 10 s per epoch on 2 co
 Add --data_dir ../shared/data/mnist to read local files instead of downloading.
 Results go to results/res_<settings>/ (see README.md, "Outputs").
 """
+import argparse
 import json
 import logging
 import sys
@@ -36,7 +37,7 @@ MIN_ETA = 1e-6
 # Command line
 # ------------------------------------------------------------------------------------------
 def build_parser():
-    parser = utils.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     utils.add_common_arguments(parser, exp_name="expPEPITA", learn_types=fn.LEARN_TYPES,
                                update_types=fn.UPDATE_TYPES, train_epochs=3, batch_size=64,
                                dataset="mn")
@@ -303,15 +304,16 @@ def write_results(folder, args, history, seed, total_time, final=False):
     utils.write_json(folder / "metrics.json", {
         "settings": vars(args), "seed": seed, "status": "finished" if final else "running",
         "runs_finished": done, "summary": summary, "total_time_s": total_time, **history})
-    curves = {f"{k} accuracy": history[k][:max(done, 1)] for k in ("train", "val")
+    labels = {"train": "training accuracy", "val": "validation accuracy"}
+    curves = {label: history[k][:max(done, 1)] for k, label in labels.items()
               if history[k] and history[k][0]}
     utils.plot_curves(folder / "learning_curve.png", curves, f"{args.learn_type}, "
                       f"{args.exp_name}")
     if args.plots:
         for r in range(done):
             utils.plot_curves(folder / f"learning_curve_run{r}.png",
-                              {k: [history[k][r]] for k in ("train", "val") if history[k][r]},
-                              f"{args.learn_type}, run {r}")
+                              {label: [history[k][r]] for k, label in labels.items()
+                               if history[k][r]}, f"{args.learn_type}, run {r}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -438,18 +440,7 @@ def run_epochs(args, folder, run, first_epoch, model, optimizer, carry, rngs, hi
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse(argv)
-    utils.setup_logging(args.VERBOSE)
-    utils.keep_freed_memory()
-    try:
-        train(args)
-    except UsageError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    except DivergenceError as err:
-        parser.exit(3, f"{parser.prog}: error: {err}; the last good epoch's results and "
-                       "checkpoint are kept\n")
-    return 0
+    return utils.run_cli(build_parser(), train, argv)
 
 
 if __name__ == "__main__":

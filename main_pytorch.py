@@ -9,6 +9,7 @@ The published MNIST conv command (1 epoch: about 95% test accuracy; see README "
 The tutorial's fully connected CIFAR-10 net: --model NetFC1x1024DOcust_cif --dataset cif
 --batch_size 64 --decay_scheme 0. Add --data_dir DIR to read local dataset files.
 """
+import argparse
 import logging
 import math
 import sys
@@ -33,7 +34,7 @@ UPDATE_TYPES = ("SGD", "mom", "adam")
 # Command line
 # ------------------------------------------------------------------------------------------
 def build_parser():
-    parser = utils.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     utils.add_common_arguments(parser, exp_name="exptorch", learn_types=LEARN_TYPES,
                                update_types=UPDATE_TYPES, train_epochs=100, batch_size=50,
                                dataset="cif")
@@ -43,7 +44,7 @@ def build_parser():
     add("--fc_hidden", type=utils.positive_int, nargs="+", default=[1024],
         help="hidden layer sizes of --model NetFC")
     add("--Bstd", "-Bstd", type=float, default=0.05, help="scale of the projection B (= F)")
-    add("--B_mean_zero", "-Bmz", action=utils.argparse.BooleanOptionalAction, default=True,
+    add("--B_mean_zero", "-Bmz", action=argparse.BooleanOptionalAction, default=True,
         help="B uniform around zero (on, as the published code forces); "
              "--no-B_mean_zero draws it from U(0, s)")
     add("--freeze_conv", action="store_true", help="keep the conv layer fixed")
@@ -292,18 +293,7 @@ def record_angle(history, model, B):
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse(argv)
-    utils.setup_logging(args.VERBOSE)
-    utils.keep_freed_memory()
-    try:
-        train(args)
-    except UsageError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    except DivergenceError as err:
-        parser.exit(3, f"{parser.prog}: error: {err}; the last good epoch's results and "
-                       "checkpoint are kept\n")
-    return 0
+    return utils.run_cli(build_parser(), train, argv)
 
 
 if __name__ == "__main__":

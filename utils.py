@@ -384,14 +384,22 @@ def add_common_arguments(parser, *, exp_name, learn_types, update_types, train_e
     add("--VERBOSE", "-V", action="store_true", help="more output")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """Exits with status 2 and a one-line message, as argparse does, for our checks too."""
-
-    def parse(self, argv=None):
-        args = self.parse_args(argv)
-        if args.resume and args.overwrite:
-            self.error("--resume and --overwrite exclude each other")
-        return args
+def run_cli(parser, train, argv=None):
+    """Parse the flags and train. Bad input exits with status 2, divergence with status 3,
+    each with one line (as argparse does for bad flags)."""
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    setup_logging(args.VERBOSE)
+    keep_freed_memory()
+    try:
+        train(args)
+    except UsageError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except DivergenceError as err:
+        parser.exit(3, f"{parser.prog}: error: {err}; the last good epoch's results and "
+                       "checkpoint are kept\n")
+    return 0
 
 
 def keep_freed_memory():
