@@ -44,20 +44,31 @@ def kill_repeatedly(script, argv, checkpoint, rng, kills=3):
         yield checkpoint
 
 
+def straight_and_killed(main_function, script, settings, tmp_path, checkpoint_name, check,
+                        seed):
+    """Run once without interruption, then again killed repeatedly (`check` loads each
+    checkpoint left behind) and resumed to the end. Returns the two results folders."""
+    main_function([*settings, "--results_dir", str(tmp_path / "straight")])
+    interrupted = ["--results_dir", str(tmp_path / "killed"), *settings]
+    folder_name = next((tmp_path / "straight").iterdir()).name
+    checkpoint = tmp_path / "killed" / folder_name / checkpoint_name
+    for path in kill_repeatedly(script, interrupted, checkpoint, np.random.default_rng(seed)):
+        check(path)
+    main_function([*interrupted, "--resume"])
+    return tmp_path / "straight" / folder_name, checkpoint.parent
+
+
 def test_numpy_kill_and_resume_is_exact(tmp_path, bigger_mnist):
     settings = ["--seed", "3", "--train_epochs", "5", "--n_runs", "2", "--validation",
                 "--deformation", "--check_cos_norm", "--n_hlayers", "1", "--data_dir",
                 str(bigger_mnist)]
-    main.main([*settings, "--results_dir", str(tmp_path / "straight")])
-    interrupted = ["--results_dir", str(tmp_path / "killed"), *settings]
-    folder_name = next((tmp_path / "straight").iterdir()).name
-    checkpoint = tmp_path / "killed" / folder_name / "checkpoint.npz"
-    for path in kill_repeatedly("main.py", interrupted, checkpoint, np.random.default_rng(0)):
+
+    def check(path):
         with np.load(path, allow_pickle=False) as saved:
             assert "W0" in saved and json.loads(str(saved["state"]))["epoch"] >= -1
-    main.main([*interrupted, "--resume"])
 
-    straight, killed = tmp_path / "straight" / folder_name, checkpoint.parent
+    straight, killed = straight_and_killed(main.main, "main.py", settings, tmp_path,
+                                           "checkpoint.npz", check, seed=0)
     for run in range(2):
         a = np.load(straight / f"weights_run{run}.npz")
         b = np.load(killed / f"weights_run{run}.npz")
@@ -74,16 +85,12 @@ def test_pytorch_kill_and_resume_is_exact(tmp_path, bigger_mnist):
     settings = ["--seed", "3", "--train_epochs", "4", "--dataset", "mn", "--model",
                 "NetFC1x1024DOcust", "--eta_decay", "--decay_scheme", "1", "--data_dir",
                 str(bigger_mnist)]
-    main_pytorch.main([*settings, "--results_dir", str(tmp_path / "straight")])
-    interrupted = ["--results_dir", str(tmp_path / "killed"), *settings]
-    folder_name = next((tmp_path / "straight").iterdir()).name
-    checkpoint = tmp_path / "killed" / folder_name / "checkpoint.pt"
-    for path in kill_repeatedly("main_pytorch.py", interrupted, checkpoint,
-                                np.random.default_rng(1)):
-        assert "model" in torch.load(path, weights_only=True)
-    main_pytorch.main([*interrupted, "--resume"])
 
-    straight, killed = tmp_path / "straight" / folder_name, checkpoint.parent
+    def check(path):
+        assert "model" in torch.load(path, weights_only=True)
+
+    straight, killed = straight_and_killed(main_pytorch.main, "main_pytorch.py", settings,
+                                           tmp_path, "checkpoint.pt", check, seed=1)
     a = torch.load(straight / "weights_run0.pt", weights_only=True)
     b = torch.load(killed / "weights_run0.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
