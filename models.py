@@ -42,7 +42,7 @@ class FCNet(nn.Module):
             if masks is not None:
                 h = h * masks[index]
             hidden.append(h)
-        out = self.layers[-1](h) if len(self.layers) > 1 else pre
+        out = self.layers[-1](h)
         return (out if logits else F.softmax(out, dim=1)), (hidden, pre)
 
     def mask_sizes(self):
