@@ -373,8 +373,9 @@ def train(args):
         run_epochs(args, folder, run, first_epoch, model, optimizer, carry, rngs, history,
                    train_set, val_set, test_set, raw_train, dtype, start_time)
         history["final_train"].append(history["train"][run][-1])
-        history["final_val"].append(fn.accuracy(model, val_set[0], val_set[1].argmax(1)))
-        history["final_test"].append(fn.accuracy(model, test_set[0], test_set[1].argmax(1)))
+        final_val, final_test = evaluate(model, val_set, test_set)
+        history["final_val"].append(final_val)
+        history["final_test"].append(final_test)
         save_npz(folder / f"weights_run{run}.npz", model_arrays(model))
         log.info("run %d: final test accuracy %.4f", run, history["final_test"][-1])
         write_results(folder, args, history, seed, time.time() - start_time)
@@ -391,6 +392,14 @@ def read_resume_state(folder):
         raise UsageError(f"--resume: {folder} holds no checkpoint; start the run without "
                          "--resume")
     return json.loads(str(load_npz(path)["state"]))
+
+
+def evaluate(model, val_set, test_set):
+    """Validation and test accuracy; computed once when the test set is the validation set."""
+    val_acc = fn.accuracy(model, val_set[0], val_set[1].argmax(1))
+    if val_set is test_set:
+        return val_acc, val_acc
+    return val_acc, fn.accuracy(model, test_set[0], test_set[1].argmax(1))
 
 
 def record_angle(history, model):
@@ -425,9 +434,7 @@ def run_epochs(args, folder, run, first_epoch, model, optimizer, carry, rngs, hi
         history["train"][run].append(train_acc)
         message = f"run {run} epoch {epoch + 1}: train {train_acc:.4f}"
         if args.validation:
-            val_acc = fn.accuracy(model, val_set[0], val_set[1].argmax(1))
-            test_acc = (val_acc if val_set is test_set
-                        else fn.accuracy(model, test_set[0], test_set[1].argmax(1)))
+            val_acc, test_acc = evaluate(model, val_set, test_set)
             history["val"][run].append(val_acc)
             history["test"][run].append(test_acc)
             message += f", validation {val_acc:.4f}, test {test_acc:.4f}"
