@@ -9,7 +9,9 @@ batch_size-th sample of an epoch, so every sample of a batch sees the same weigh
 sum of the per-sample outer products is one matrix product (tests/test_numpy_equivalence.py
 checks this against a per-sample loop).
 """
+import ctypes
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -82,8 +84,8 @@ def draw_masks(rng, model, n):
     if model.keep == 1:
         return None
     dtype = model.weights[0].dtype
-    return [(rng.random((n, size), dtype=np.float32) < model.keep).astype(dtype)
-            / dtype.type(model.keep)
+    scale = dtype.type(1) / dtype.type(model.keep)
+    return [np.multiply(rng.random((n, size), dtype=np.float32) < model.keep, scale, dtype=dtype)
             for size in model.sizes[1:-1]]
 
 
@@ -134,16 +136,19 @@ def pepita_factors(model, x, t, masks, passes, sign=False):
 
     The first layer is linear in its input, W_1 x' = W_1 x + (W_1 F) e: a product with the
     small W_1 F replaces a second product with the whole batch (same values up to rounding).
+    W_1 F comes from the first pass's product, as extra columns: one read of W_1, not two.
     """
-    pre, post = forward(model, x, masks)
-    W1_F = model.weights[0] @ model.F
+    n = len(x)
+    products = model.weights[0] @ np.concatenate([x, model.F.T]).T  # [W_1 x^T, W_1 F]
+    pre, post = forward(model, x, masks, first_pre=np.ascontiguousarray(products[:, :n].T))
+    W1_F_T = products[:, n:].T
     correct = n_correct(post[-1], t)
     per_pass = []
     for _ in range(passes - 1):
         e = post[-1] - t
         signal = np.sign(e) if sign else e
         x_mod = x + signal @ model.F.T
-        post_mod = forward(model, x_mod, masks, first_pre=pre[0] + signal @ W1_F.T)[1]
+        post_mod = forward(model, x_mod, masks, first_pre=pre[0] + signal @ W1_F_T)[1]
         factors = []
         for layer in range(len(model.weights) - 1):
             delta = post[layer + 1] - post_mod[layer + 1]
@@ -196,6 +201,62 @@ def effective_batch(rule, batch_size, passes):
 
 
 # ------------------------------------------------------------------------------------------
+# Adding a product into a weight-sized array. numpy's matmul always writes a fresh result;
+# the BLAS gemm under it can add alpha A^T B into an existing C instead. After the matrix
+# products, the passes over weight-sized arrays are the largest cost of an epoch, so the
+# updates call the gemm and axpy of the OpenBLAS in numpy's own wheel (the one matmul uses:
+# no second thread pool). Other numpy builds use the numpy expressions (same values).
+# ------------------------------------------------------------------------------------------
+def load_numpy_openblas():
+    """{dtype: (gemm, axpy)} from numpy's bundled scipy-openblas (ILP64), or None."""
+    folder = Path(np.__file__).parent
+    paths = sorted([*folder.parent.glob("numpy.libs/libscipy_openblas64_*"),
+                    *folder.glob(".dylibs/libscipy_openblas64_*")])
+    try:
+        lib = ctypes.CDLL(str(paths[0]))
+        functions = {}
+        for dtype, letter, scalar in ((np.float64, "d", ctypes.c_double),
+                                      (np.float32, "s", ctypes.c_float)):
+            gemm, axpy = (getattr(lib, f"scipy_cblas_{letter}{name}64_")
+                          for name in ("gemm", "axpy"))
+            size, pointer = ctypes.c_int64, ctypes.c_void_p
+            gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, size, size, size,
+                             scalar, pointer, size, pointer, size, scalar, pointer, size]
+            axpy.argtypes = [size, scalar, pointer, size, pointer, size]
+            gemm.restype = axpy.restype = None
+            functions[np.dtype(dtype)] = gemm, axpy
+        return functions
+    except (IndexError, OSError, AttributeError):
+        return None
+
+
+BLAS = load_numpy_openblas()
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+
+def add_product(c, a, b, alpha):
+    """c += alpha a^T b, for a (k, m), b (k, n) and c (m, n) C-contiguous."""
+    if BLAS is None or c.dtype not in BLAS:
+        c += alpha * (a.T @ b)
+        return
+    assert c.flags.c_contiguous and c.shape == (a.shape[1], b.shape[1])
+    a, b = np.ascontiguousarray(a, c.dtype), np.ascontiguousarray(b, c.dtype)
+    (k, m), n = a.shape, b.shape[1]
+    BLAS[c.dtype][0](ROW_MAJOR, TRANS, NO_TRANS, m, n, k, alpha, a.ctypes.data, m,
+                     b.ctypes.data, n, 1.0, c.ctypes.data, n)
+
+
+def add_scaled(y, x, alpha):
+    """y += alpha x, for C-contiguous arrays of one shape and dtype."""
+    if BLAS is None or y.dtype not in BLAS:
+        y += alpha * x
+        return
+    assert y.flags.c_contiguous and x.flags.c_contiguous and x.shape == y.shape
+    assert x.dtype == y.dtype
+    BLAS[y.dtype][1](y.size, alpha, x.ctypes.data, 1, y.ctypes.data, 1)
+
+
+# ------------------------------------------------------------------------------------------
 # Optimisers: SGD and momentum as published; NAG, RMSprop, Adam with standard definitions
 # ------------------------------------------------------------------------------------------
 class Optimizer:
@@ -207,43 +268,60 @@ class Optimizer:
         self.step_count = 0
         n_buffers = {"SGD": 0, "mom": 1, "NAG": 1, "rmsprop": 1, "Adam": 2}[kind]
         self.buffers = [[np.zeros_like(w) for w in weights] for _ in range(n_buffers)]
-        self.scratch = [np.empty_like(w) for w in weights]  # reused: no allocation per batch
+        # mom keeps the velocity as velocity_scale * buffers[0]: V = 0.9 V + eta g becomes
+        # one gemm adding (eta / scale) g into the buffer, after scale *= 0.9.
+        self.velocity_scale = 1.0
+        self.scratch = ([np.empty_like(w) for w in weights]  # reused: no allocation per batch
+                        if kind in ("NAG", "rmsprop", "Adam") else None)
+
+    def saved_buffers(self):
+        """The buffers, with the momentum velocity at its true scale (for checkpoints)."""
+        if self.kind == "mom" and self.velocity_scale != 1.0:
+            for v in self.buffers[0]:
+                v *= self.velocity_scale
+            self.velocity_scale = 1.0
+        return self.buffers
 
     def step(self, weights, factors, eta, scale):
         """Change weights in place with g_l = scale * D_l^T X_l (scale = 1 / B_eff)."""
         self.step_count += 1
-        for layer, (w, (delta, inputs)) in enumerate(zip(weights, factors)):
-            g = self.scratch[layer]
-            if self.kind in ("SGD", "mom"):  # fold eta into the small factor: eta g
-                np.matmul((delta * (eta * scale)).T, inputs, out=g)
-                if self.kind == "SGD":      # W -= eta g
-                    w -= g
-                else:                       # V = 0.9 V + eta g; W -= V
-                    v = self.buffers[0][layer]
-                    v *= MOMENTUM
-                    v += g
-                    w -= v
-                continue
-            np.matmul((delta * scale).T, inputs, out=g)
-            if self.kind == "NAG":          # V = 0.9 V + eta g; W -= 0.9 V + eta g
-                v = self.buffers[0][layer]
-                v *= MOMENTUM
-                v += eta * g
-                w -= MOMENTUM * v + eta * g
-            elif self.kind == "rmsprop":    # s = rho s + (1 - rho) g^2
-                s = self.buffers[0][layer]
-                s *= RMSPROP_RHO
-                s += (1 - RMSPROP_RHO) * g * g
-                w -= eta * g / (np.sqrt(s) + EPSILON)
-            else:                           # Adam with bias correction
-                m, v = self.buffers[0][layer], self.buffers[1][layer]
-                m *= ADAM_BETA1
-                m += (1 - ADAM_BETA1) * g
-                v *= ADAM_BETA2
-                v += (1 - ADAM_BETA2) * g * g
-                m_hat = m / (1 - ADAM_BETA1 ** self.step_count)
-                v_hat = v / (1 - ADAM_BETA2 ** self.step_count)
-                w -= eta * m_hat / (np.sqrt(v_hat) + EPSILON)
+        if self.kind == "SGD":              # W -= eta g
+            for w, (delta, inputs) in zip(weights, factors):
+                add_product(w, delta, inputs, -eta * scale)
+        elif self.kind == "mom":            # V = 0.9 V + eta g; W -= V
+            self.velocity_scale *= MOMENTUM
+            s = self.velocity_scale
+            for w, v, (delta, inputs) in zip(weights, self.buffers[0], factors):
+                add_product(v, delta, inputs, eta * scale / s)
+                add_scaled(w, v, -s)
+            if s < 1e-3:                    # keep the buffer's values in a safe range
+                self.saved_buffers()
+        else:
+            for layer, (w, (delta, inputs)) in enumerate(zip(weights, factors)):
+                g = self.scratch[layer]
+                np.matmul((delta * scale).T, inputs, out=g)
+                self.adaptive_step(layer, w, g, eta)
+
+    def adaptive_step(self, layer, w, g, eta):
+        if self.kind == "NAG":              # V = 0.9 V + eta g; W -= 0.9 V + eta g
+            v = self.buffers[0][layer]
+            v *= MOMENTUM
+            v += eta * g
+            w -= MOMENTUM * v + eta * g
+        elif self.kind == "rmsprop":        # s = rho s + (1 - rho) g^2
+            s = self.buffers[0][layer]
+            s *= RMSPROP_RHO
+            s += (1 - RMSPROP_RHO) * g * g
+            w -= eta * g / (np.sqrt(s) + EPSILON)
+        else:                               # Adam with bias correction
+            m, v = self.buffers[0][layer], self.buffers[1][layer]
+            m *= ADAM_BETA1
+            m += (1 - ADAM_BETA1) * g
+            v *= ADAM_BETA2
+            v += (1 - ADAM_BETA2) * g * g
+            m_hat = m / (1 - ADAM_BETA1 ** self.step_count)
+            v_hat = v / (1 - ADAM_BETA2 ** self.step_count)
+            w -= eta * m_hat / (np.sqrt(v_hat) + EPSILON)
 
 
 # ------------------------------------------------------------------------------------------

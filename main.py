@@ -247,7 +247,8 @@ def continue_from(args, model):
 def save_checkpoint(folder, args, run, epoch, model, optimizer, carry, rngs, history):
     """Everything an exact resume needs; epoch -1: run `run` has not started yet."""
     arrays = model_arrays(model)
-    arrays.update({f"opt{k}_{layer}": b for k, buffers in enumerate(optimizer.buffers)
+    arrays.update({f"opt{k}_{layer}": b
+                   for k, buffers in enumerate(optimizer.saved_buffers())
                    for layer, b in enumerate(buffers)})
     if carry.factors is not None:
         arrays.update({f"carry{k}_{layer}": f for layer, pair in enumerate(carry.factors)
@@ -344,6 +345,8 @@ def train(args):
     sizes, acts = architecture(args, train_set[0].shape[1], train_set[1].shape[1])
     log.debug("training set %s, validation set %s, test set %s", train_set[0].shape,
               val_set[0].shape, test_set[0].shape)
+    log.debug("weight updates by %s", "the gemm of numpy's OpenBLAS" if fn.BLAS
+              else "numpy expressions (this numpy does not bundle scipy-openblas)")
     if args.continue_training:  # check the saved weights before creating the folder
         continue_from(args, fn.init_model(np.random.default_rng(0), args.learn_type, sizes,
                                           acts, args.w_init, args.dropout, dtype))

@@ -219,3 +219,39 @@ def test_bp_deltas_equal_finite_difference_gradient():
             w[idx] = saved
             numeric[idx] = (up - down) / (2 * eps)
         np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-7)
+
+
+# ---- the updates' BLAS calls and the lazily scaled momentum velocity ----------------------
+@pytest.mark.skipif(fn.BLAS is None, reason="this numpy does not bundle scipy-openblas")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blas_calls_match_numpy(dtype):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((7, 5)).astype(dtype)
+    b = rng.standard_normal((6, 7)).astype(dtype).T  # not C-contiguous: copied first
+    c = rng.standard_normal((5, 6)).astype(dtype)
+    expected = c + 0.3 * a.T @ b
+    fn.add_product(c, a, b, 0.3)
+    np.testing.assert_allclose(c, expected, rtol=1e-5 if dtype == np.float32 else 1e-13)
+    y, x = c.copy(), rng.standard_normal(c.shape).astype(dtype)
+    fn.add_scaled(y, x, -0.7)
+    np.testing.assert_allclose(y, c - 0.7 * x, rtol=1e-5 if dtype == np.float32 else 1e-13)
+
+
+@pytest.mark.parametrize("use_blas", [True, False])
+def test_published_momentum_over_many_steps(monkeypatch, use_blas):
+    """150 steps (the velocity's lazy scale is folded back in every 66) with a change of eta:
+    the weights, and the velocity a checkpoint saves, follow V = 0.9 V + eta g; W -= V."""
+    if not use_blas:
+        monkeypatch.setattr(fn, "BLAS", None)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 5))
+    w_ref, v_ref = w.copy(), np.zeros_like(w)
+    optimizer = fn.Optimizer("mom", [w])
+    for step in range(150):
+        delta, inputs = rng.standard_normal((4, 6)), rng.standard_normal((4, 5))
+        eta = 0.1 if step < 100 else 0.01
+        optimizer.step([w], [(delta, inputs)], eta, 1 / 4)
+        v_ref = 0.9 * v_ref + eta * delta.T @ inputs / 4
+        w_ref -= v_ref
+    np.testing.assert_allclose(w, w_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(optimizer.saved_buffers()[0][0], v_ref, rtol=1e-12, atol=1e-13)
