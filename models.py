@@ -48,39 +48,54 @@ class FCNet(nn.Module):
     def mask_sizes(self):
         return self.sizes[1:-1]
 
-    def modulated_pass(self, x_mod, masks, first, e, B):
+    def first_pass(self, x, masks, B):
+        """Pass 1, and W_1 B for the second pass from the same product W_1 [x^T, B]: one read
+        of W_1, not two (W_1 on the left is also the faster order on CPUs)."""
+        n = len(x)
+        products = self.layers[0].weight @ torch.cat([x.flatten(1), B.T]).T
+        return self(x, masks, first_pre=products[:, :n].T.contiguous()), products[:, n:]
+
+    def modulated_pass(self, x_mod, masks, first, e, W1_B):
         """The second pass. The first layer is linear, W_1 x' = W_1 x + (W_1 B) e: a product
         with the small W_1 B replaces one with the whole batch (same values up to rounding)."""
-        first_pre = first[1][1] + e @ (self.layers[0].weight @ B).T
-        return self(x_mod, masks, first_pre=first_pre)
+        return self(x_mod, masks, first_pre=first[1][1] + e @ W1_B.T)
 
-    def pepita_grads(self, first, second, e, e_mod, batch_size, sqrt_conv=False):
-        """Hidden layers: dW = -(h - h')^T h'_prev (input: the modulated x'); last layer:
-        dW = -e'^T h'_last. The 1 / batch_size goes on the small factor."""
+    def pepita_factors(self, first, second, e, e_mod, batch_size, sqrt_conv=False):
+        """Each layer's gradient g = D^T X as its factors (D, X). Hidden layers:
+        dW = -(h - h')^T h'_prev (input: the modulated x'); last layer: dW = -e'^T h'_last.
+        The 1 / batch_size goes on the small factor."""
         (_, (hidden, _)), (_, (hidden_mod, _)) = first, second
-        grads = [((h - h_mod) / batch_size).T @ h_prev_mod
-                 for h, h_mod, h_prev_mod in zip(hidden[1:], hidden_mod[1:], hidden_mod[:-1])]
-        grads.append((e_mod / batch_size).T @ hidden_mod[-1])
-        return grads
+        factors = [((h - h_mod) / batch_size, h_prev_mod)
+                   for h, h_mod, h_prev_mod in zip(hidden[1:], hidden_mod[1:], hidden_mod[:-1])]
+        factors.append((e_mod / batch_size, hidden_mod[-1]))
+        return factors
 
 
-def patch_rows(x, size):
-    """Every size x size patch of x (N, C, H, W) as a row, in the order of
-    conv.weight.flatten(1): (N * positions, C * size * size). A strided view, copied once."""
+def patch_columns(x, size):
+    """Every size x size patch of x (N, C, H, W) as a column, rows in the order of
+    conv.weight.flatten(1): (C * size * size, N * positions). A strided view, copied once
+    (in this order the copy runs along image rows: much faster than patches as rows)."""
     n, c, h, w = x.shape
     x = x.contiguous()
     s_n, s_c, s_h, s_w = x.stride()
-    view = x.as_strided((n, h - size + 1, w - size + 1, c, size, size),
-                        (s_n, s_h, s_w, s_c, s_h, s_w))
-    return view.reshape(n * (h - size + 1) * (w - size + 1), c * size * size)
+    view = x.as_strided((c, size, size, n, h - size + 1, w - size + 1),
+                        (s_c, s_h, s_w, s_n, s_h, s_w))
+    return view.reshape(c * size * size, -1)
+
+
+def max_pool_2x2(maps):
+    """2x2 max-pooling of maps (C, N, H, W) with H, W even, as maxima of strided views."""
+    rows = torch.maximum(maps[:, :, 0::2], maps[:, :, 1::2])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
 class ConvNet(nn.Module):
     """conv 5x5 (32 maps) -> ReLU -> max-pool 2 -> fc -> softmax; PyTorch's default init.
 
-    The convolution is one matrix product of the patch rows with the kernels, giving
-    channels-last feature maps; the patch rows are kept, since the PEPITA conv update is a
-    product of the same rows with (h - h'). (Faster on CPUs than F.conv2d + F.max_pool2d.)"""
+    The convolution is one matrix product of the kernels with the patch columns, giving
+    channel-first feature maps (32, N * positions); the patch columns are kept, since the
+    PEPITA conv update is a product of (h - h') with the same columns. (Faster on CPUs than
+    F.conv2d + F.max_pool2d.)"""
 
     def __init__(self, channels, image_size, n_out):
         super().__init__()
@@ -90,34 +105,36 @@ class ConvNet(nn.Module):
         self.layers = [self.conv, self.fc]
 
     def forward(self, x, masks=None, logits=False):
-        """Output and (patch rows of x, ReLU(conv(x)) before pooling as rows
-        (N * positions, 32), pooled features flattened in PyTorch's (C, H, W) order)."""
-        n, half = len(x), self.side // 2
-        rows = patch_rows(x, self.conv.kernel_size[0])
-        features = F.relu(rows @ self.conv.weight.flatten(1).T)
-        maps = features.view(n, half, 2, self.side, 32).amax(2)  # pool rows, then columns
-        pooled = maps.view(n, half, half, 2, 32).amax(3).permute(0, 3, 1, 2).flatten(1)
+        """Output and (patch columns of x, ReLU(conv(x)) before pooling as (32, N *
+        positions), pooled features flattened in PyTorch's (C, H, W) order)."""
+        columns = patch_columns(x, self.conv.kernel_size[0])
+        features = (self.conv.weight.flatten(1) @ columns).relu_()
+        maps = features.view(32, len(x), self.side, self.side)
+        pooled = max_pool_2x2(maps).permute(1, 0, 2, 3).flatten(1)
         out = self.fc(pooled)
-        return (out if logits else F.softmax(out, dim=1)), (rows, features, pooled)
+        return (out if logits else F.softmax(out, dim=1)), (columns, features, pooled)
 
     def mask_sizes(self):
         return []
 
-    def modulated_pass(self, x_mod, masks, first, e, B):
+    def first_pass(self, x, masks, B):
+        return self(x, masks), None
+
+    def modulated_pass(self, x_mod, masks, first, e, W1_B):
         """The second pass (the conv layer gains nothing from linearity: a full pass)."""
         return self(x_mod, masks)
 
-    def pepita_grads(self, first, second, e, e_mod, batch_size, sqrt_conv=False):
-        """fc: dW = -e^T pooled' (the FIRST pass's error, the second pass's features).
+    def pepita_factors(self, first, second, e, e_mod, batch_size, sqrt_conv=False):
+        """Each layer's gradient g = D^T X as its factors (D, X), the conv kernels flattened.
+        fc: dW = -e^T pooled' (the FIRST pass's error, the second pass's features).
         conv: dW = mean over the batch and positions of (h - h') * patch of x', added without
         the fc rule's minus sign (so it moves opposite), then divided by batch_size again."""
-        (_, (_, features, _)), (_, (rows_mod, features_mod, pooled_mod)) = first, second
+        (_, (_, features, _)), (_, (columns_mod, features_mod, pooled_mod)) = first, second
         n = len(e)
-        positions = len(features) // n
+        positions = features.shape[1] // n
         scale = math.sqrt(positions) if sqrt_conv else positions
-        conv_dw = ((features - features_mod).T @ rows_mod).view_as(self.conv.weight)
-        conv_dw /= n * scale
-        return [-conv_dw / batch_size, (e / batch_size).T @ pooled_mod]
+        conv_delta = (features_mod - features) / (n * scale * batch_size)
+        return [(conv_delta.T, columns_mod.T), (e / batch_size, pooled_mod)]
 
 
 MODELS = {
@@ -168,37 +185,65 @@ def draw_masks(model, generator, n, keep, device):
 def pepita_step(model, optimizer, x, target, B, masks, batch_size, sqrt_conv=False):
     """One PEPITA batch: pass 1 on x, pass 2 on x + e B^T, then the layers' updates.
     Returns the first pass's output."""
-    first = model(x, masks)
+    first, W1_B = model.first_pass(x, masks, B)
     e = first[0] - target
     x_mod = x + (e @ B.T).view_as(x)
-    second = model.modulated_pass(x_mod, masks, first, e, B)
+    second = model.modulated_pass(x_mod, masks, first, e, W1_B)
     e_mod = second[0] - target
-    grads = model.pepita_grads(first, second, e, e_mod, batch_size, sqrt_conv=sqrt_conv)
-    for layer, g in zip(model.layers, grads):
-        layer.weight.grad = g
-    optimizer.step()
+    factors = model.pepita_factors(first, second, e, e_mod, batch_size, sqrt_conv=sqrt_conv)
+    trained = [(layer.weight, pair) for layer, pair in zip(model.layers, factors)
+               if layer.weight.requires_grad]  # not a frozen conv
+    if isinstance(optimizer, PublishedMomentum):
+        optimizer.step_factors(trained)
+    else:
+        for weight, (delta, inputs) in trained:
+            weight.grad = (delta.T @ inputs).view_as(weight)
+        optimizer.step()
     return first[0]
 
 
 class PublishedMomentum(torch.optim.Optimizer):
     """The published PEPITA update: V = 0.9 V + lr g; W -= V (torch's SGD keeps lr outside
-    the velocity, which differs after a learning-rate change)."""
+    the velocity, which differs after a learning-rate change).
+
+    It takes g as factors, g = D^T X, and keeps V as scale * buffer: then V = 0.9 V + lr g is
+    scale *= 0.9 and one addmm_ adding (lr / scale) D^T X into the buffer, and W -= V one
+    add_. Two passes over weight-sized tensors instead of five."""
 
     def __init__(self, params, lr, momentum=0.9):
         super().__init__(params, dict(lr=lr, momentum=momentum))
+        self.velocity_scale = 1.0
 
     @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "velocity" not in state:
-                    state["velocity"] = torch.zeros_like(p)
-                velocity = state["velocity"]
-                velocity.mul_(group["momentum"]).add_(p.grad, alpha=group["lr"])
-                p.sub_(velocity)
+    def step_factors(self, weights_and_factors):
+        """weights_and_factors: (W, (D, X)) pairs, g = D^T X shaped like W."""
+        group = self.param_groups[0]
+        self.velocity_scale *= group["momentum"]
+        s = self.velocity_scale
+        for weight, (delta, inputs) in weights_and_factors:
+            state = self.state[weight]
+            if "velocity" not in state:
+                state["velocity"] = torch.zeros_like(weight)
+            buffer = state["velocity"]
+            buffer.view(len(buffer), -1).addmm_(delta.T, inputs, alpha=group["lr"] / s)
+            weight.add_(buffer, alpha=-s)
+        if s < 1e-3:  # keep the buffers' values in a safe range
+            self.settle()
+
+    @torch.no_grad()
+    def settle(self):
+        """Fold the scale into the buffers: each state's "velocity" is then V itself."""
+        for state in self.state.values():
+            state["velocity"].mul_(self.velocity_scale)
+        self.velocity_scale = 1.0
+
+    def state_dict(self):
+        self.settle()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.velocity_scale = 1.0
 
 
 def make_optimizer(kind, rule, params, lr):

@@ -239,19 +239,20 @@ def test_blas_calls_match_numpy(dtype):
 
 @pytest.mark.parametrize("use_blas", [True, False])
 def test_published_momentum_over_many_steps(monkeypatch, use_blas):
-    """150 steps (the velocity's lazy scale is folded back in every 66) with a change of eta:
-    the weights, and the velocity a checkpoint saves, follow V = 0.9 V + eta g; W -= V."""
+    """1000 float32 steps (without folding the velocity's lazy scale 0.9^t back into its
+    buffer, the buffer overflows after about 800) and a change of eta: the weights, and the
+    velocity a checkpoint saves, follow V = 0.9 V + eta g; W -= V, computed in float64."""
     if not use_blas:
         monkeypatch.setattr(fn, "BLAS", None)
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((6, 5))
-    w_ref, v_ref = w.copy(), np.zeros_like(w)
+    w = rng.standard_normal((6, 5)).astype(np.float32)
+    w_ref, v_ref = w.astype(np.float64), np.zeros((6, 5))
     optimizer = fn.Optimizer("mom", [w])
-    for step in range(150):
-        delta, inputs = rng.standard_normal((4, 6)), rng.standard_normal((4, 5))
-        eta = 0.1 if step < 100 else 0.01
+    for step in range(1000):
+        delta, inputs = (rng.standard_normal((4, k)).astype(np.float32) for k in (6, 5))
+        eta = 0.1 if step < 700 else 0.01
         optimizer.step([w], [(delta, inputs)], eta, 1 / 4)
-        v_ref = 0.9 * v_ref + eta * delta.T @ inputs / 4
+        v_ref = 0.9 * v_ref + eta * delta.T.astype(np.float64) @ inputs / 4
         w_ref -= v_ref
-    np.testing.assert_allclose(w, w_ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(optimizer.saved_buffers()[0][0], v_ref, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-4 * np.abs(w_ref).max())
+    np.testing.assert_allclose(optimizer.saved_buffers()[0][0], v_ref, rtol=1e-4, atol=1e-6)
