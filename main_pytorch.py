@@ -159,8 +159,19 @@ def train_epoch(args, model, optimizer, B, data, generators, n_classes, progress
 # ------------------------------------------------------------------------------------------
 # Checkpoints and results
 # ------------------------------------------------------------------------------------------
+def on_cpu(obj):
+    """obj with every tensor in it copied to the CPU: saved files load on any machine."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {key: on_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(value) for value in obj)
+    return obj
+
+
 def save_torch(path, obj):
-    utils.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    utils.atomic_write(path, lambda tmp: torch.save(on_cpu(obj), tmp))
 
 
 def load_torch(path):

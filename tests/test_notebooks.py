@@ -39,14 +39,14 @@ def test_notebooks_are_stored_without_outputs():
 
 def test_tutorial_runs_on_cifar_shaped_data(cifar_dir):
     cells = execute(TUTORIAL, EPOCHS=2, DATASET="cif", DATA_DIR=str(cifar_dir), DEVICE="cpu",
-                    SEED=0)
+                    SEED=0, STEP="written")
     assert "slowness" in "".join(text_output(c) for c in cells)
     assert "final test accuracy" in text_output(cells[-1])
 
 
 def test_tutorial_learns_real_mnist(real_mnist):
     cells = execute(TUTORIAL, EPOCHS=1, DATASET="mn", DATA_DIR=str(real_mnist), DEVICE="cpu",
-                    SEED=0)
+                    SEED=0, STEP="project")
     accuracy = float(re.search(r"final test accuracy: ([\d.]+)%", text_output(cells[-1]))[1])
     assert accuracy > 80  # chance is 10%
 
