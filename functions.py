@@ -214,7 +214,7 @@ def load_numpy_openblas():
                     *folder.glob(".dylibs/libscipy_openblas64_*")])
     try:
         lib = ctypes.CDLL(str(paths[0]))
-        functions = {}
+        routines = {}
         for dtype, letter, scalar in ((np.float64, "d", ctypes.c_double),
                                       (np.float32, "s", ctypes.c_float)):
             gemm, axpy = (getattr(lib, f"scipy_cblas_{letter}{name}64_")
@@ -224,8 +224,8 @@ def load_numpy_openblas():
                              scalar, pointer, size, pointer, size, scalar, pointer, size]
             axpy.argtypes = [size, scalar, pointer, size, pointer, size]
             gemm.restype = axpy.restype = None
-            functions[np.dtype(dtype)] = gemm, axpy
-        return functions
+            routines[np.dtype(dtype)] = gemm, axpy
+        return routines
     except (IndexError, OSError, AttributeError):
         return None
 
@@ -239,7 +239,10 @@ def add_product(c, a, b, alpha):
     if BLAS is None or c.dtype not in BLAS:
         c += alpha * (a.T @ b)
         return
-    assert c.flags.c_contiguous and c.shape == (a.shape[1], b.shape[1])
+    if not (c.flags.c_contiguous and c.flags.writeable and a.ndim == b.ndim == 2
+            and a.shape[0] == b.shape[0] and c.shape == (a.shape[1], b.shape[1])):
+        raise ValueError(f"add_product: shapes {c.shape} += {a.shape}^T {b.shape}, or c is "
+                         "not a writeable C-contiguous array")
     a, b = np.ascontiguousarray(a, c.dtype), np.ascontiguousarray(b, c.dtype)
     (k, m), n = a.shape, b.shape[1]
     BLAS[c.dtype][0](ROW_MAJOR, TRANS, NO_TRANS, m, n, k, alpha, a.ctypes.data, m,
@@ -251,8 +254,10 @@ def add_scaled(y, x, alpha):
     if BLAS is None or y.dtype not in BLAS:
         y += alpha * x
         return
-    assert y.flags.c_contiguous and x.flags.c_contiguous and x.shape == y.shape
-    assert x.dtype == y.dtype
+    if not (y.flags.c_contiguous and y.flags.writeable and x.shape == y.shape):
+        raise ValueError(f"add_scaled: shapes {y.shape} += {x.shape}, or y is not a "
+                         "writeable C-contiguous array")
+    x = np.ascontiguousarray(x, y.dtype)
     BLAS[y.dtype][1](y.size, alpha, x.ctypes.data, 1, y.ctypes.data, 1)
 
 

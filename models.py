@@ -118,6 +118,7 @@ class ConvNet(nn.Module):
         return []
 
     def first_pass(self, x, masks, B):
+        """Pass 1 (nothing to share with the second: see modulated_pass)."""
         return self(x, masks), None
 
     def modulated_pass(self, x_mod, masks, first, e, W1_B):
@@ -208,7 +209,7 @@ class PublishedMomentum(torch.optim.Optimizer):
 
     It takes g as factors, g = D^T X, and keeps V as scale * buffer: then V = 0.9 V + lr g is
     scale *= 0.9 and one addmm_ adding (lr / scale) D^T X into the buffer, and W -= V one
-    add_. Two passes over weight-sized tensors instead of five."""
+    add_. Two passes over weight-sized tensors instead of five. (One parameter group.)"""
 
     def __init__(self, params, lr, momentum=0.9):
         super().__init__(params, dict(lr=lr, momentum=momentum))

@@ -36,13 +36,16 @@ SIZES = [784, 1024, 10]
 N_TRAIN, N_TEST, BATCH = 60000, 10000, 64
 
 
-def median_time(run, repeats):
-    times = []
+def in_turns(runs, repeats):
+    """{name: median seconds} of runs ({name: callable}), timed in turns: this machine's
+    throughput drifts, and a slow spell then hits every figure of a comparison alike."""
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        tic = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
+        for name, run in runs.items():
+            tic = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ---- a. numpy PEPITA epoch ---------------------------------------------------------------
@@ -52,10 +55,12 @@ def mnist_like(dtype, rng):
     return x[:N_TRAIN], t[:N_TRAIN], x[N_TRAIN:], t[N_TRAIN:]
 
 
-def published_style_seconds(dtype, n_samples, repeats):
-    """The published structure: one sample and one pass at a time, outer products summed
-    per sample, the weights changed every BATCH samples; timed on n_samples, scaled to an
-    epoch of 60000 plus a per-sample validation of 10000."""
+def published_style_loop(n_samples):
+    """The published structure in float64: one sample and one pass at a time, outer products
+    summed per sample, the weights changed every BATCH samples. The returned run trains on
+    n_samples and validates on n_samples / 6, per sample: N_TRAIN / n_samples of it is an
+    epoch of 60000 with a validation of 10000."""
+    dtype = np.float64
     rng = np.random.default_rng(0)
     x, t, x_test, _ = mnist_like(dtype, rng)
     model = fn.init_model(rng, "ERIN", SIZES, ["relu", "softmax"], "he_uniform", 0.9, dtype)
@@ -84,14 +89,13 @@ def published_style_seconds(dtype, n_samples, repeats):
                     G[...] = 0
 
     def validate():
-        for i in range(n_samples):
+        for i in range(n_samples * N_TEST // N_TRAIN):
             softmax(W2 @ np.maximum(W1 @ x_test[i], 0))
 
-    train_s = median_time(train, repeats) * N_TRAIN / n_samples
-    return train_s + median_time(validate, repeats) * N_TEST / n_samples
+    return lambda: (train(), validate())
 
 
-def engine_seconds(dtype, repeats):
+def engine_epoch(dtype):
     rng = np.random.default_rng(0)
     x, t, x_test, t_test = mnist_like(dtype, rng)
     model = fn.init_model(rng, "ERIN", SIZES, ["relu", "softmax"], "he_uniform", 0.9, dtype)
@@ -102,19 +106,21 @@ def engine_seconds(dtype, repeats):
                        rng, carry)
         fn.accuracy(model, x_test, t_test.argmax(1))
 
-    return median_time(epoch, repeats)
+    return epoch
 
 
-def floor_seconds(dtype, repeats):
-    """FLOPs of the published PEPITA epoch (two full passes, the outer products, validation)
-    divided by the rate of a large matrix product measured now. (This project skips most of
-    the second pass's first-layer product: it does about 3/4 of these FLOPs.)"""
+MATMUL_FLOPS = 10 * 2 * 4096 * 784 * 1024
+# The published PEPITA epoch: two full passes, the outer products, validation. (This project
+# skips most of the second pass's first-layer product: it does about 3/4 of these FLOPs.)
+EPOCH_FLOPS = (N_TRAIN * (3 * 2 * (784 * 1024 + 1024 * 10) + 2 * 784 * 10)
+               + N_TEST * 2 * (784 * 1024 + 1024 * 10))
+
+
+def large_matmuls(dtype):
+    """Ten products of MATMUL_FLOPS / 10: the rate of BLAS, for the arithmetic floor."""
     rng = np.random.default_rng(0)
     a, b = rng.random((4096, 784)).astype(dtype), rng.random((784, 1024)).astype(dtype)
-    rate = 2 * 4096 * 784 * 1024 / median_time(lambda: a @ b, max(repeats, 5) * 4)
-    forward = 2 * (784 * 1024 + 1024 * 10)
-    flops = N_TRAIN * (3 * forward + 2 * 784 * 10) + N_TEST * forward
-    return flops / rate, rate
+    return lambda: [a @ b for _ in range(10)]
 
 
 def epoch_peak_memory_mb():
@@ -172,7 +178,9 @@ class HookedNet(nn.Module):
         return F.softmax(self.fc2(h * mask if mask is not None else h), dim=1)
 
 
-def published_tutorial_seconds(images, labels, test_images, test_labels, batches, repeats):
+def published_tutorial(images, labels, test_images, test_labels, batches):
+    """Runs `batches` training batches and batches / 5 test batches: about batches / 782 of
+    an epoch (50000 / 64 training and 10000 / 64 test batches)."""
     net = HookedNet()
     B = models.projection_matrix(torch.Generator().manual_seed(0), 3072, 10)
     velocity = [torch.zeros_like(net.fc1.weight), torch.zeros_like(net.fc2.weight)]
@@ -205,12 +213,10 @@ def published_tutorial_seconds(images, labels, test_images, test_labels, batches
                 break
             net(x).argmax(1).eq(y).sum()
 
-    n_batches = -(-len(images) // BATCH)
-    return (median_time(train, repeats) * n_batches / batches +
-            median_time(test, repeats) * len(test_images) / (BATCH * (batches // 5)))
+    return lambda: (train(), test())
 
 
-def project_epoch_seconds(model_name, x, y, x_test, y_test, batch_size, repeats):
+def project_epoch(model_name, x, y, x_test, y_test, batch_size):
     model = models.build_model(model_name, x.shape[1:], 10, "he_uniform",
                                np.random.default_rng(0))
     B = models.projection_matrix(torch.Generator().manual_seed(0), x[0].numel(), 10)
@@ -226,11 +232,12 @@ def project_epoch_seconds(model_name, x, y, x_test, y_test, batch_size, repeats)
                                  "bench")
         main_pytorch.accuracy(model, x_test, y_test)
 
-    return median_time(epoch, repeats)
+    return epoch
 
 
 # ---- c. the conv update of Net1conv1fcXL for one batch of 50 -----------------------------
-def conv_update_seconds(repeats):
+def conv_updates():
+    """The published loop's update and ours (run 20 times), checked equal."""
     torch.manual_seed(0)
     model = models.ConvNet(1, 28, 10)
     x_mod = torch.rand(50, 1, 28, 28)
@@ -256,28 +263,33 @@ def conv_update_seconds(repeats):
         return (features @ columns.T).view_as(model.conv.weight) / (50 * 576)
 
     torch.testing.assert_close(ours(), published_loop(), rtol=1e-4, atol=1e-7)
-    return median_time(published_loop, repeats), median_time(ours, max(repeats, 5) * 10)
+    return published_loop, lambda: [ours() for _ in range(20)]
 
 
 # ---- the table ---------------------------------------------------------------------------
 def main():
     parser = argparse.ArgumentParser(description="speed benchmark (see the docstring)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=2000,
-                        help="samples timed in the per-sample loops (scaled to an epoch)")
+    parser.add_argument("--samples", type=int, default=1800,
+                        help="samples timed in the per-sample loop (scaled to an epoch)")
     args = parser.parse_args()
     utils.keep_freed_memory()
     peak = epoch_peak_memory_mb()  # first, while this process is still small
     rows = []
 
-    loop = published_style_seconds(np.float64, args.samples, args.repeats)
-    for dtype in (np.float64, np.float32):
-        name = np.dtype(dtype).name
-        ours = engine_seconds(dtype, args.repeats)
-        floor, rate = floor_seconds(dtype, args.repeats)
-        rows.append((f"numpy PEPITA MNIST epoch, {name}", loop, ours,
+    numpy_runs = {"loop": published_style_loop(args.samples)}
+    for dtype in ("float64", "float32"):
+        numpy_runs[dtype] = engine_epoch(np.dtype(dtype))
+        numpy_runs[f"matmul {dtype}"] = large_matmuls(np.dtype(dtype))
+    seconds = in_turns(numpy_runs, args.repeats)
+    loop = seconds["loop"] * N_TRAIN / args.samples
+    for dtype in ("float64", "float32"):
+        rate = MATMUL_FLOPS / seconds[f"matmul {dtype}"]
+        ours, floor = seconds[dtype], EPOCH_FLOPS / rate
+        rows.append((f"numpy PEPITA MNIST epoch, {dtype}", loop, ours,
                      f"floor {floor:.2f} s at {rate / 1e9:.0f} GFLOP/s: ours = "
                      f"{ours / floor:.2f} x floor"))
+    del numpy_runs
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
@@ -287,23 +299,28 @@ def main():
     def to_tensor(images):
         return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).contiguous()
 
-    published = published_tutorial_seconds(images, labels, test_images, test_labels, 100,
-                                           args.repeats)
-    ours = project_epoch_seconds("NetFC1x1024DOcust_cif", to_tensor(images),
-                                 torch.from_numpy(labels), to_tensor(test_images),
-                                 torch.from_numpy(test_labels), BATCH, args.repeats)
-    rows.append(("tutorial epoch, CIFAR-10 3072-1024-10", published, ours,
+    batches = 100
+    seconds = in_turns({
+        "published": published_tutorial(images, labels, test_images, test_labels, batches),
+        "ours": project_epoch("NetFC1x1024DOcust_cif", to_tensor(images),
+                              torch.from_numpy(labels), to_tensor(test_images),
+                              torch.from_numpy(test_labels), BATCH)}, args.repeats)
+    rows.append(("tutorial epoch, CIFAR-10 3072-1024-10",
+                 seconds["published"] * -(-len(images) // BATCH) / batches, seconds["ours"],
                  "published: per-image ToTensor DataLoader, hooks"))
 
-    loop, ours = conv_update_seconds(args.repeats)
-    rows.append(("conv update, Net1conv1fcXL, batch 50", loop, ours, "loop over 576 positions"))
+    loop, ours = conv_updates()
+    seconds = in_turns({"loop": loop, "ours": ours}, max(args.repeats, 5))
+    rows.append(("conv update, Net1conv1fcXL, batch 50", seconds["loop"], seconds["ours"] / 20,
+                 "loop over 576 positions"))
 
     mnist = torch.from_numpy(rng.integers(0, 256, (N_TRAIN + N_TEST, 1, 28, 28),
                                           dtype=np.uint8)).float().div(255)
     digits = torch.from_numpy(rng.integers(0, 10, N_TRAIN + N_TEST))
-    conv_epoch = project_epoch_seconds("Net1conv1fcXL", mnist[:N_TRAIN], digits[:N_TRAIN],
-                                       mnist[N_TRAIN:], digits[N_TRAIN:], 50, args.repeats)
-    rows.append(("conv MNIST epoch (ours only)", float("nan"), conv_epoch,
+    seconds = in_turns({"ours": project_epoch("Net1conv1fcXL", mnist[:N_TRAIN],
+                                              digits[:N_TRAIN], mnist[N_TRAIN:],
+                                              digits[N_TRAIN:], 50)}, args.repeats)
+    rows.append(("conv MNIST epoch (ours only)", float("nan"), seconds["ours"],
                  "published: about 180 s"))
 
     print(f"\n{'figure':40s} {'published':>11s} {'ours':>9s} {'speed-up':>9s}  notes")
@@ -313,8 +330,8 @@ def main():
     if peak is not None:
         print(f"peak memory of main.py, one MNIST epoch (float64, data included): "
               f"{peak:.0f} MB")
-    print(f"medians of {args.repeats} repeats; the published numpy loop in float64 (as "
-          f"published) for both rows; torch threads {torch.get_num_threads()}")
+    print(f"medians of {args.repeats} repeats, timed in turns; the published numpy loop in "
+          f"float64 (as published) for both rows; torch threads {torch.get_num_threads()}")
 
 
 if __name__ == "__main__":

@@ -235,6 +235,11 @@ def test_blas_calls_match_numpy(dtype):
     y, x = c.copy(), rng.standard_normal(c.shape).astype(dtype)
     fn.add_scaled(y, x, -0.7)
     np.testing.assert_allclose(y, c - 0.7 * x, rtol=1e-5 if dtype == np.float32 else 1e-13)
+    for bad in ((c, a[:6], b), (c[:, :5], a, b), (np.asfortranarray(c), a, b)):
+        with pytest.raises(ValueError):  # BLAS would read or write out of bounds
+            fn.add_product(*bad, 1.0)
+    with pytest.raises(ValueError):
+        fn.add_scaled(y[:, :5], x[:, :5], 1.0)
 
 
 @pytest.mark.parametrize("use_blas", [True, False])
