@@ -1,12 +1,12 @@
 """Speed benchmark: this project against the published loop structures, side by side, in one
 run on this machine. Not a test (pytest does not collect it); run it as
 
-    python tests/bench_speed.py            # about 4 minutes on 2 cores
+    python tests/bench_speed.py            # about 2.5 minutes on 2 cores
     python tests/bench_speed.py --repeats 1
 
-It prints one table: the median of --repeats timings of each figure, the speed-ups, and the
-fraction of the arithmetic floor (the published epoch's FLOPs / the rate of a large matrix
-product timed here). Data are random arrays of the real shapes (MNIST 60000 x 784, CIFAR-10
+It prints one table: the median of --repeats timings of each figure (the figures of a
+comparison timed in turns), the speed-ups, and the fraction of the arithmetic floor (the
+published epoch's FLOPs / the rate of a large matrix product timed here). Data are random arrays of the real shapes (MNIST 60000 x 784, CIFAR-10
 50000 x 3x32x32). The per-sample loop runs in float64, as the published code stores its
 arrays; both dtypes of this project's engine are compared with it.
 """
