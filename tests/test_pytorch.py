@@ -136,7 +136,7 @@ def test_published_momentum_over_many_steps_and_a_resume():
 
 @pytest.mark.parametrize("update", ["SGD", "mom", "adam"])
 def test_bp_step_equals_autograd_on_reference_model(update):
-    """BP through our patch-row convolution equals autograd through F.conv2d/max_pool2d."""
+    """BP through our patch-column convolution equals autograd through F.conv2d/max_pool2d."""
     torch.manual_seed(0)
     model = models.ConvNet(1, 28, 10)
     reference = models.ConvNet(1, 28, 10)
