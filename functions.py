@@ -279,12 +279,16 @@ class Optimizer:
         self.scratch = ([np.empty_like(w) for w in weights]  # reused: no allocation per batch
                         if kind in ("NAG", "rmsprop", "Adam") else None)
 
-    def saved_buffers(self):
-        """The buffers, with the momentum velocity at its true scale (for checkpoints)."""
+    def settle(self):
+        """Fold the velocity's scale into its buffers: buffers[0] is then V itself."""
         if self.kind == "mom" and self.velocity_scale != 1.0:
             for v in self.buffers[0]:
                 v *= self.velocity_scale
             self.velocity_scale = 1.0
+
+    def saved_buffers(self):
+        """The buffers, with the momentum velocity at its true scale (for checkpoints)."""
+        self.settle()
         return self.buffers
 
     def step(self, weights, factors, eta, scale):
@@ -300,7 +304,7 @@ class Optimizer:
                 add_product(v, delta, inputs, eta * scale / s)
                 add_scaled(w, v, -s)
             if s < 1e-3:                    # keep the buffer's values in a safe range
-                self.saved_buffers()
+                self.settle()
         else:
             for layer, (w, (delta, inputs)) in enumerate(zip(weights, factors)):
                 g = self.scratch[layer]
