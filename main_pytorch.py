@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import models
 import utils
-from utils import DATASETS, DivergenceError, UsageError
+from utils import DATASETS, UsageError
 
 log = logging.getLogger("pepita")
 LEARN_TYPES = ("BP", "ERIN")
@@ -147,10 +147,7 @@ def train_epoch(args, model, optimizer, B, data, generators, n_classes, progress
             loss.backward()
             optimizer.step()
         loss = float(loss.detach())
-        if not math.isfinite(loss):
-            raise DivergenceError(f"{where}, batch {batch}: NaN or infinite output, training "
-                                  f"diverged; the learning rate (--eta {args.eta}) is likely "
-                                  "too high")
+        utils.check_finite(loss, f"{where}, batch {batch}", args.eta)
         total_loss += loss * len(idx)
         progress.update(len(idx))
     return total_loss / len(order)
@@ -220,10 +217,7 @@ def train(args):
     folder = utils.results_folder(args, folder_name(args, code))
     state = None
     if args.resume:
-        if not (folder / "checkpoint.pt").is_file():
-            raise UsageError(f"--resume: {folder} holds no checkpoint; start the run "
-                             "without --resume")
-        state = load_torch(folder / "checkpoint.pt")
+        state = load_torch(utils.resume_checkpoint(folder, "checkpoint.pt"))
         args.seed = utils.check_resume_settings(state["settings"], args)
     seed, _, run_seqs = utils.seed_sequences(args.seed, args.n_runs)
     args.seed = seed  # recorded with the settings, so that a run can be repeated exactly

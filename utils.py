@@ -465,6 +465,15 @@ def results_folder(args, name):
     return root / name
 
 
+def resume_checkpoint(folder, name):
+    """The checkpoint file `name` of an interrupted run in folder, for --resume."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise UsageError(f"--resume: {folder} holds no checkpoint; start the run without "
+                         "--resume")
+    return path
+
+
 def prepare_folder(folder, resume, overwrite):
     """Create the run folder; never mix with or silently replace an existing one."""
     folder = Path(folder)
