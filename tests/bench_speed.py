@@ -6,9 +6,10 @@ run on this machine. Not a test (pytest does not collect it); run it as
 
 It prints one table: the median of --repeats timings of each figure (the figures of a
 comparison timed in turns), the speed-ups, and the fraction of the arithmetic floor (the
-published epoch's FLOPs / the rate of a large matrix product timed here). Data are random arrays of the real shapes (MNIST 60000 x 784, CIFAR-10
-50000 x 3x32x32). The per-sample loop runs in float64, as the published code stores its
-arrays; both dtypes of this project's engine are compared with it.
+published epoch's FLOPs / the rate of a large matrix product timed here). Data are random
+arrays of the real shapes (MNIST 60000 x 784, CIFAR-10 50000 x 3x32x32). The per-sample loop
+runs in float64, as the published code stores its arrays; both dtypes of this project's
+engine are compared with it.
 """
 import argparse
 import statistics
