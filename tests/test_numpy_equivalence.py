@@ -261,3 +261,18 @@ def test_published_momentum_over_many_steps(monkeypatch, use_blas):
         w_ref -= v_ref
     np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-4 * np.abs(w_ref).max())
     np.testing.assert_allclose(optimizer.saved_buffers()[0][0], v_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.3, 1e-3])
+def test_masks_are_float32_uniforms_below_keep(keep):
+    """draw_masks tests the raw words; the values must be those of the plain formula."""
+    model = fn.init_model(np.random.default_rng(0), "ERIN", [6, 512, 40, 3],
+                          ["relu", "relu", "softmax"], "he_uniform", keep)
+    ours, plain = np.random.default_rng(11), np.random.default_rng(11)
+    for n in (64, 17, 64):
+        expected = [(plain.random((n, size), dtype=np.float32) < keep) / keep
+                    for size in (512, 40)]
+        for mask, want in zip(fn.draw_masks(ours, model, n), expected):
+            np.testing.assert_array_equal(mask, want)
+    kept = np.concatenate([m.ravel() > 0 for m in fn.draw_masks(ours, model, 2000)])
+    assert abs(kept.mean() - keep) < 4 * np.sqrt(keep * (1 - keep) / kept.size)
