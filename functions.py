@@ -90,6 +90,8 @@ def draw_masks(rng, model, n):
     rng.random would keep it for the next draw.)"""
     if model.keep == 1:
         return None
+    if isinstance(rng.bit_generator, np.random.MT19937):  # its raw words are 32-bit
+        raise TypeError("draw_masks needs a 64-bit bit generator, as np.random.default_rng")
     dtype = model.weights[0].dtype
     scale = dtype.type(1) / dtype.type(model.keep)
     last_kept = np.uint32(math.ceil(float(np.float32(model.keep)) * 2**24) * 2**8 - 1)

@@ -276,3 +276,5 @@ def test_masks_are_float32_uniforms_below_keep(keep):
             np.testing.assert_array_equal(mask, want)
     kept = np.concatenate([m.ravel() > 0 for m in fn.draw_masks(ours, model, 2000)])
     assert abs(kept.mean() - keep) < 4 * np.sqrt(keep * (1 - keep) / kept.size)
+    with pytest.raises(TypeError, match="64-bit"):
+        fn.draw_masks(np.random.Generator(np.random.MT19937(0)), model, 4)
