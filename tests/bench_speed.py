@@ -291,8 +291,8 @@ def conv_updates():
 # ---- the table ---------------------------------------------------------------------------
 def main():
     parser = argparse.ArgumentParser(description="speed benchmark (see the docstring)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=1800,
+    parser.add_argument("--repeats", type=utils.positive_int, default=3)
+    parser.add_argument("--samples", type=utils.positive_int, default=1800,
                         help="samples timed in the per-sample loop (scaled to an epoch)")
     args = parser.parse_args()
     utils.keep_freed_memory()
