@@ -1,0 +1,597 @@
+"""Run a grid of main.py / main_pytorch.py runs as Ray Tune trials, and collect the table.
+
+The paper's MNIST table (numpy PEPITA over 3 seeds, the other rules and the conv nets once):
+
+    python sweep.py --paper mnist --seeds 3 --other_seeds 1 --data_dir ../shared/data/mnist
+
+A grid of your own (flags after -- go to every run):
+
+    python sweep.py --script main.py --grid learn_type=ERIN,BP --grid seed=0,1,2 \
+        --epochs 20 -- --n_hlayers 1 --eta 0.1 --validation --data_dir ../shared/data/mnist
+
+Each run is one trial running the entry script in its own results folder
+(<sweep_dir>/runs/<name>/), so the scripts' checkpoints are the one resume mechanism: the same
+command again skips finished runs and resumes the others from their last epoch. Without
+--address, Ray runs embedded on this machine's cores. `python sweep.py --collect DIR` writes
+table.md, curves.csv, test_curves.png and README.md of a sweep folder (see README.md,
+"Reproducing the paper").
+"""
+import argparse
+import ctypes
+import itertools
+import json
+import logging
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import utils
+from utils import UsageError
+
+log = logging.getLogger("pepita.sweep")
+ROOT = Path(__file__).resolve().parent
+SCRIPTS = ("main.py", "main_pytorch.py")
+POLL_S = 2.0
+SLOWNESS_FIT_EPOCHS = 60
+
+# ------------------------------------------------------------------------------------------
+# Presets: the README's paper commands
+# ------------------------------------------------------------------------------------------
+NUMPY_PAPER = ("--exp_name paper --n_runs 1 --train_epochs 100 --n_samples all --eta 0.1 "
+               "--dropout 0.9 --eta_decay --validation --batch_size 64 --update_type mom "
+               "--w_init he_uniform --build auto --struct uniform --start_size 1024 "
+               "--n_hlayers 1 --act_hidden relu --act_out softmax").split()
+CONV_PAPER = ("--exp_name paper --n_runs 1 --train_epochs 100 --eta 0.01 --dropout 0.9 "
+              "--Bstd 0.05 --eta_decay --batch_size 50 --update_type mom "
+              "--w_init he_uniform").split()
+TUTORIAL = ("--exp_name paper --train_epochs 100 --eta 0.01 --dropout 0.9 --Bstd 0.05 "
+            "--eta_decay --decay_scheme 0 --batch_size 64 --update_type mom "
+            "--model NetFC1x1024DOcust_cif").split()
+NUMPY_RULES = ("ERIN", "BP", "FA", "DRTP", "ERINsign", "DFA")  # the paper's rules first
+PRESET_DATASETS = {"mnist": "mn", "cifar10": "cif", "cifar100": "cif100"}
+
+# The paper's Table 1 (../shared/pepita-reference.md, section 5): mean, std of the final
+# test accuracy (%) of the 1024-unit fully connected net.
+PAPER_TABLE = {
+    "mn": {"ERIN": (98.01, 0.09), "BP": (98.63, 0.03), "FA": (98.42, 0.07),
+           "DRTP": (95.10, 0.10)},
+    "cif": {"ERIN": (52.57, 0.36), "BP": (55.27, 0.52), "FA": (53.82, 0.24),
+            "DRTP": (45.89, 0.16)},
+}
+PAPER_PATHS = {"numpy", "NetFC1x1024DOcust_cif"}  # the paper's fully connected net
+
+
+def paper_runs(preset, seeds, other_seeds):
+    """The runs of a preset as (script, grid values, flags), in the order they should run."""
+    code = PRESET_DATASETS[preset]
+    runs = []
+    for rule in NUMPY_RULES:
+        flags = [*NUMPY_PAPER, "--learn_type", rule, "--dataset", code,
+                 "--sample_passes", "2" if rule.startswith("ERIN") else "1"]
+        if rule.startswith("ERIN") and code != "mn":
+            flags += ["--eta", "0.01"]  # the paper's CIFAR PEPITA uses the tutorial's eta
+        runs += [("main.py", rule, seed, flags)
+                 for seed in range(seeds if rule == "ERIN" else other_seeds)]
+    conv_model = "Net1conv1fcXL" if code == "mn" else "Net1conv1fcXL_cif"
+    for rule in ("ERIN", "BP"):
+        flags = [*CONV_PAPER, "--learn_type", rule, "--dataset", code, "--model", conv_model]
+        runs += [("main_pytorch.py", rule, seed, flags) for seed in range(other_seeds)]
+    if code != "mn":  # the paper's CIFAR-10 PEPITA number comes from the tutorial's net
+        runs += [("main_pytorch.py", "ERIN", seed, [*TUTORIAL, "--dataset", code])
+                 for seed in range(seeds)]
+    return runs
+
+
+# ------------------------------------------------------------------------------------------
+# The grid: one run spec (name, script, flags, labels) per trial
+# ------------------------------------------------------------------------------------------
+def entry_parser(script):
+    import main
+    if script == "main.py":
+        return main.build_parser()
+    import main_pytorch
+    return main_pytorch.build_parser()
+
+
+def grid_flags(script, grid):
+    """[(values dict, flags)] for every combination of --grid key=v1,v2 values; keys are the
+    entry script's long flag names, on/off for flags without a value."""
+    actions = {a.dest: a for a in entry_parser(script)._actions}
+    axes = []
+    for item in grid:
+        key, _, values = item.partition("=")
+        action = actions.get(key)
+        if action is None or not values:
+            raise UsageError(f"--grid {item!r}: give NAME=V1,V2 with NAME a flag of {script} "
+                             "(without dashes)")
+        if action.nargs == 0 and not set(values.split(",")) <= {"on", "off"}:
+            raise UsageError(f"--grid {item!r}: --{key} takes no value; use {key}=on,off")
+        axes.append((key, action.nargs == 0, values.split(",")))
+    combos = []
+    for values in itertools.product(*(axis[2] for axis in axes)):
+        flags = []
+        for (key, switch, _), value in zip(axes, values):
+            flags += ([f"--{key}"] if value == "on" else []) if switch else [f"--{key}", value]
+        combos.append((dict(zip((axis[0] for axis in axes), values)), flags))
+    return combos
+
+
+def path_label(script, flags):
+    """'numpy' for main.py, the model's name for main_pytorch.py (the last --model wins)."""
+    if script == "main.py":
+        return "numpy"
+    return flag_value(flags, ("--model", "-mod"), "Net1conv1fcXL_cif")
+
+
+def safe_name(text):
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text)
+
+
+def make_spec(script, flags, rule, seed, variant=""):
+    path = path_label(script, flags)
+    name = safe_name("_".join(filter(None, [path, rule, variant, f"seed{seed}"])))
+    return {"name": name, "script": script, "path": path, "rule": rule, "variant": variant,
+            "seed": seed, "flags": flags}
+
+
+def build_runs(args, common):
+    """Every run spec of the sweep, in order; common: flags for every run."""
+    if args.paper:
+        specs = [make_spec(script, [*flags, "--seed", str(seed), *common], rule, seed)
+                 for script, rule, seed, flags in paper_runs(args.paper, args.seeds,
+                                                             args.other_seeds)]
+    else:
+        grid = list(args.grid)
+        if not any(item.startswith("seed=") for item in grid):
+            grid.append("seed=" + ",".join(map(str, range(args.seeds))))
+        specs = []
+        for values, flags in grid_flags(args.script, grid):
+            rule = values.pop("learn_type", None) or "ERIN"
+            seed = values.pop("seed")
+            variant = "_".join(f"{k}={v}" for k, v in values.items())
+            specs.append(make_spec(args.script, [*flags, *common], rule, seed, variant))
+    if args.epochs:
+        for spec in specs:
+            spec["flags"] += ["--train_epochs", str(args.epochs)]
+    names = [spec["name"] for spec in specs]
+    if len(set(names)) != len(names):
+        raise UsageError("two runs of the grid have the same settings; remove the repeated "
+                         "--grid values")
+    return specs
+
+
+# ------------------------------------------------------------------------------------------
+# One trial: the entry script in a child process, its metrics.json polled and reported
+# ------------------------------------------------------------------------------------------
+def run_folder(run_dir):
+    """The entry script's results folder inside a trial's folder, or None."""
+    folders = sorted(p for p in Path(run_dir).glob("res_*") if p.is_dir())
+    return folders[0] if folders else None
+
+
+def read_metrics(run_dir):
+    folder = run_folder(run_dir)
+    try:
+        return json.loads((folder / "metrics.json").read_text()) if folder else None
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return None
+
+
+def progress(metrics):
+    """(epochs done, latest test accuracy in %) of the run's current curve."""
+    if not metrics or not metrics.get("test"):
+        return 0, None
+    curve = metrics["test"][-1] or (metrics["test"][-2] if len(metrics["test"]) > 1 else [])
+    scale = 1 if metrics.get("accuracy_unit") == "percent" else 100
+    return len(curve), (curve[-1] * scale if curve else None)
+
+
+def machine(cpus, gpus):
+    if gpus:
+        import torch
+        return f"{torch.cuda.get_device_name()} (GPU), host {platform.node()}"
+    model = next((line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{model}, {cpus} core{'s' if cpus > 1 else ''}, host {platform.node()}"
+
+
+def die_with_parent():
+    """In the child: get SIGKILL when the trial's thread dies, so that a killed sweep
+    leaves no training process behind (Linux; elsewhere nothing happens)."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def start_command(spec, run_dir):
+    """The command of a trial: a fresh start, --resume after an interruption (a
+    checkpoint), or --overwrite when the last attempt ended before its first epoch."""
+    command = [sys.executable, str(ROOT / spec["script"]), *spec["flags"],
+               "--results_dir", str(run_dir)]
+    folder = run_folder(run_dir)
+    if folder is None:
+        return command, "start"
+    if any(folder.glob("checkpoint.*")):
+        return command + ["--resume"], "resume"
+    return command + ["--overwrite"], "restart"
+
+
+def trial(config):
+    """Ray Tune trainable: run one spec to its end, reporting each epoch."""
+    from ray import tune
+    spec, cpus, gpus = config["spec"], config["cpus"], config["gpus"]
+    run_dir = Path(config["sweep_dir"]) / "runs" / spec["name"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = read_metrics(run_dir)
+    if metrics and metrics.get("status") == "finished":
+        epochs, acc = progress(metrics)
+        tune.report({"epoch": epochs, "test_acc": acc, "state": "done earlier"})
+        return
+    command, how = start_command(spec, run_dir)
+    threads = str(cpus)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+           "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    record = {"name": spec["name"], "command": command, "how": how, "cpus": cpus,
+              "gpus": gpus, "machine": machine(cpus, gpus), "started": time.time()}
+    log_path = run_dir / "log.txt"
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "ab") as log_file:
+        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file,
+                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        reported = 0
+        while child.poll() is None:
+            time.sleep(POLL_S)
+            epochs, acc = progress(read_metrics(run_dir))
+            if epochs > reported:
+                reported = epochs
+                tune.report({"epoch": epochs, "test_acc": acc, "state": how})
+    record.update(returncode=child.returncode, wall_s=time.time() - record["started"])
+    if child.returncode != 0:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            lines = [line for line in f.read().decode(errors="replace").splitlines()
+                     if line.strip()]
+        record["message"] = lines[-1] if lines else f"exit status {child.returncode}"
+    utils.write_json(run_dir / "trial.json", record)
+    if child.returncode != 0:
+        raise RuntimeError(f"{spec['name']}: {record['message']}")
+    epochs, acc = progress(read_metrics(run_dir))
+    if epochs > reported:
+        tune.report({"epoch": epochs, "test_acc": acc, "state": how})
+
+
+def progress_callback():
+    from ray import tune
+
+    class Progress(tune.Callback):
+        """One log line per trial event: which trials run, their epoch and accuracy."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            log.info("start  %s", trial.config["spec"]["name"])
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            acc = result.get("test_acc")
+            running = sum(t.status == "RUNNING" for t in trials)
+            log.info("%-40s epoch %3d  test %s  (%s; %d running, %d of %d ended)",
+                     trial.config["spec"]["name"], result.get("epoch", 0),
+                     "-" if acc is None else f"{acc:.2f}%", result.get("state"), running,
+                     sum(t.is_finished() for t in trials), len(trials))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log.error("failed %s (see its trial.json and log.txt)",
+                      trial.config["spec"]["name"])
+
+    return Progress()
+
+
+def run_sweep(specs, sweep_dir, args):
+    import ray
+    from ray import tune
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=args.address, num_cpus=None if args.address else os.cpu_count(),
+                 include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, configure_logging=False)
+    try:
+        space = {"spec": tune.grid_search(specs), "sweep_dir": str(sweep_dir.resolve()),
+                 "cpus": args.cpus_per_trial, "gpus": args.gpus_per_trial}
+        resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+        tuner = tune.Tuner(
+            tune.with_resources(trial, resources), param_space=space,
+            tune_config=tune.TuneConfig(
+                trial_name_creator=lambda t: t.config["spec"]["name"],
+                trial_dirname_creator=lambda t: t.config["spec"]["name"]),
+            run_config=tune.RunConfig(
+                name=time.strftime("tune_%Y%m%d_%H%M%S"), verbose=0,
+                storage_path=str((sweep_dir / "ray").resolve()),
+                callbacks=[progress_callback()]))
+        tuner.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def summarize(specs, sweep_dir):
+    """One line per run: state, epochs, final test accuracy, wall time, the error line."""
+    failed = 0
+    for spec in specs:
+        run_dir = sweep_dir / "runs" / spec["name"]
+        metrics = read_metrics(run_dir)
+        epochs, acc = progress(metrics)
+        record = {}
+        if (run_dir / "trial.json").is_file():
+            record = json.loads((run_dir / "trial.json").read_text())
+        finished = bool(metrics) and metrics.get("status") == "finished"
+        failed += not finished
+        log.info("%-40s %-8s %3d epochs  test %s  %s", spec["name"],
+                 "finished" if finished else "FAILED", epochs,
+                 "-" if acc is None else f"{acc:.2f}%",
+                 "" if finished else record.get("message", "did not run to its end"))
+    return failed
+
+
+# ------------------------------------------------------------------------------------------
+# Collection: table.md, curves.csv, test_curves.png, README.md
+# ------------------------------------------------------------------------------------------
+def run_results(run_dir):
+    """Per run of a finished trial: (train curve %, test curve %, final test %, epoch
+    times). numpy's train curve is the training accuracy; PyTorch's has none."""
+    metrics = read_metrics(run_dir)
+    if not metrics or metrics.get("status") != "finished":
+        return []
+    percent = metrics.get("accuracy_unit") == "percent"
+    scale = 1 if percent else 100
+    results = []
+    for r, test in enumerate(metrics["test"]):
+        train = [] if percent else [a * 100 for a in metrics["train"][r]]
+        final = test[-1] if percent else metrics["final_test"][r] * 100
+        results.append(([a * scale for a in test] if test else [], train, final,
+                        metrics["epoch_time_s"][r]))
+    return results
+
+
+def flag_value(flags, names, default):
+    """The value of the last of names in flags (argparse's rule), or default."""
+    values = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag in names]
+    return values[-1] if values else default
+
+
+def code_of(spec):
+    default = "mn" if spec["script"] == "main.py" else "cif"
+    return flag_value(spec["flags"], ("--dataset", "-ds"), default)
+
+
+def group_runs(manifest, sweep_dir):
+    groups = {}
+    for spec in manifest["runs"]:
+        key = (spec["path"], spec["rule"], spec["variant"])
+        run_dir = sweep_dir / "runs" / spec["name"]
+        record = (json.loads((run_dir / "trial.json").read_text())
+                  if (run_dir / "trial.json").is_file() else {})
+        for test, train, final, times in run_results(run_dir):
+            groups.setdefault(key, []).append({
+                "seed": spec["seed"], "test": test, "train": train, "final": final,
+                "times": times, "machine": record.get("machine", "?"),
+                "code": code_of(spec)})
+    return groups
+
+
+def table_rows(groups, preset):
+    """One row per (path, rule, variant); the paper's value only for a --paper sweep."""
+    rows = []
+    for (path, rule, variant), runs in groups.items():
+        finals = np.array([r["final"] for r in runs])
+        length = min(len(r["test"]) for r in runs)
+        paper = (PAPER_TABLE.get(runs[0]["code"], {}).get(rule)
+                 if preset and path in PAPER_PATHS and not variant else None)
+        fit = None
+        if length >= 2:
+            mean_curve = np.mean([r["test"][:length] for r in runs], axis=0) / 100
+            fit = utils.compute_slowness(mean_curve, fit_epochs=SLOWNESS_FIT_EPOCHS)
+        distance = (np.mean(finals) - paper[0]) / paper[1] if paper else None
+        rows.append({
+            "rule": "PEPITA" if rule == "ERIN" else rule, "path": path, "variant": variant,
+            "seeds": len(runs), "mean": float(np.mean(finals)), "std": float(np.std(finals)),
+            "paper": paper, "distance": distance,
+            "slowness": fit["slowness"] if fit else None,
+            "acc_max": fit["acc_max"] * 100 if fit else None, "epochs": length,
+            "epoch_s": float(np.median(np.concatenate([r["times"] for r in runs]))),
+            "machine": "; ".join(sorted({r["machine"] for r in runs}))})
+    return rows
+
+
+def table_markdown(rows):
+    lines = ["| rule | path | seeds | epochs | test accuracy (%) | paper | distance (paper std) "
+             "| slowness | acc_max (%) | s / epoch | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        paper = f"{row['paper'][0]:.2f} ± {row['paper'][1]:.2f}" if row["paper"] else "–"
+        distance = "–"
+        if row["distance"] is not None:
+            distance = f"{row['distance']:+.1f}" + (" **(> 2)**" if abs(row["distance"]) > 2
+                                                    else "")
+        fit = (f"{row['slowness']:.4f} | {row['acc_max']:.2f}" if row["slowness"] is not None
+               else "– | –")
+        label = row["path"] + (f" {row['variant']}" if row["variant"] else "")
+        lines.append(f"| {row['rule']} | {label} | {row['seeds']} | {row['epochs']} | "
+                     f"{row['mean']:.2f} ± {row['std']:.2f} | {paper} | {distance} | {fit} | "
+                     f"{row['epoch_s']:.1f} | {row['machine']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_curves_csv(path, groups):
+    lines = ["rule,path,variant,seed,epoch,train_acc_percent,test_acc_percent"]
+    for (path_label_, rule, variant), runs in groups.items():
+        for run in runs:
+            for epoch, test in enumerate(run["test"], start=1):
+                train = run["train"][epoch - 1] if epoch <= len(run["train"]) else ""
+                train = f"{train:.4f}" if train != "" else ""
+                lines.append(f"{rule},{path_label_},{variant},{run['seed']},{epoch},{train},"
+                             f"{test:.4f}")
+    utils.write_text(path, "\n".join(lines) + "\n")
+
+
+def collect(sweep_dir, out_root):
+    """Write the table, curves, figure and README of the sweep in sweep_dir; returns the
+    table rows. Only finished runs count."""
+    sweep_dir = Path(sweep_dir)
+    manifest_path = sweep_dir / "sweep.json"
+    if not manifest_path.is_file():
+        raise UsageError(f"{sweep_dir} holds no sweep.json: give a folder written by "
+                         "sweep.py (its --sweep_dir)")
+    manifest = json.loads(manifest_path.read_text())
+    groups = group_runs(manifest, sweep_dir)
+    if not groups:
+        raise UsageError(f"{sweep_dir}: no run has finished yet; run the sweep first")
+    codes = sorted({run["code"] for runs in groups.values() for run in runs})
+    out = Path(out_root) / "_".join(DATASET_NAMES.get(c, c) for c in codes)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(groups, manifest.get("paper"))
+    utils.write_text(out / "table.md", table_markdown(rows))
+    write_curves_csv(out / "curves.csv", groups)
+    curves = {}
+    for (path, rule, variant), runs in groups.items():
+        length = min(len(r["test"]) for r in runs)
+        if length:
+            label = " ".join(filter(None, ["PEPITA" if rule == "ERIN" else rule, path,
+                                           variant]))
+            curves[label] = [r["test"][:length] for r in runs]
+    utils.plot_curves(out / "test_curves.png", curves, "test accuracy, mean ± std over seeds",
+                      ylabel="test accuracy (%)")
+    commands = "\n".join(f"python {c}" for c in manifest["commands"])
+    utils.write_text(out / "README.md", (
+        f"# {', '.join(DATASET_NAMES.get(c, c) for c in codes)}: collected by sweep.py\n\n"
+        f"Produced by (in the repository root):\n\n```bash\n{commands}\n"
+        f"python sweep.py --collect {sweep_dir}\n```\n\n"
+        "- `table.md`: per rule and path, the final test accuracy (mean ± std over seeds, "
+        "numpy's np.std), the paper's value and the distance in units of the paper's std "
+        "(marked beyond 2), the slowness and acc_max of the mean test curve (first "
+        f"{SLOWNESS_FIT_EPOCHS} epochs), the median time per epoch and the machine.\n"
+        "- `curves.csv`: every run's per-epoch accuracies (%).\n"
+        "- `test_curves.png`: mean test curve per rule, with a band of ± one std.\n"))
+    return rows
+
+
+DATASET_NAMES = {"mn": "mnist", "fmn": "fashion_mnist", "emn": "emnist", "cif": "cifar10",
+                 "cif100": "cifar100"}
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        usage="%(prog)s [options] [-- flags for every run]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--paper", choices=tuple(PRESET_DATASETS),
+        help="the paper's runs for this dataset (the README's commands)")
+    add("--script", choices=SCRIPTS, default="main.py", help="entry script of a --grid sweep")
+    add("--grid", action="append", default=[], metavar="FLAG=V1,V2",
+        help="values of one flag of the script (repeat for more flags; on,off for switches)")
+    add("--seeds", type=utils.positive_int, default=1,
+        help="seeds 0..N-1 (with --paper: of numpy PEPITA and the tutorial net)")
+    add("--other_seeds", type=utils.positive_int, default=None,
+        help="with --paper: seeds of the other runs (default: --seeds)")
+    add("--epochs", type=utils.positive_int, default=None,
+        help="training epochs of every run (default: the preset's or the script's)")
+    add("--data_dir", default=None, help="dataset folder, passed to every run")
+    add("--sweep_dir", default=None,
+        help="folder of the sweep's runs (default: results/sweeps/<paper_DATASET or grid>)")
+    add("--out", default=None,
+        help="collected outputs go to OUT/<dataset>/ (default: results/paper with --paper, "
+             "else the sweep folder)")
+    add("--address", default=None,
+        help="an existing Ray cluster (auto or HOST:PORT); default: an embedded local Ray")
+    add("--cpus_per_trial", type=utils.positive_int, default=1,
+        help="CPU cores per run (also its BLAS and torch threads)")
+    add("--gpus_per_trial", type=float, default=0,
+        help="GPUs per run; > 0 adds --device cuda to main_pytorch.py runs")
+    add("--dry_run", action="store_true", help="print the runs and their commands, run none")
+    add("--collect", metavar="DIR", default=None,
+        help="only collect the table of the sweep folder DIR")
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own, common = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
+        else (argv, [])
+    parser = build_parser()
+    args = parser.parse_args(own)
+    utils.setup_logging(False)
+    try:
+        return sweep(args, common, own)
+    except UsageError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def sweep(args, common, own):
+    if args.collect:
+        manifest = Path(args.collect) / "sweep.json"
+        preset = json.loads(manifest.read_text()).get("paper") if manifest.is_file() else None
+        out = args.out or ("results/paper" if preset else args.collect)
+        rows = collect(args.collect, out)
+        log.info("collected %d rows into %s", len(rows), out)
+        return 0
+    if args.paper and args.grid:
+        raise UsageError("--paper and --grid exclude each other: a preset is a grid")
+    if args.other_seeds and not args.paper:
+        raise UsageError("--other_seeds goes with --paper; use --seeds")
+    args.other_seeds = args.other_seeds or args.seeds
+    data_flags = ["--data_dir", str(Path(args.data_dir).resolve())] if args.data_dir else []
+    specs = build_runs(args, [*common, *data_flags])
+    if args.gpus_per_trial:
+        if any(spec["script"] == "main.py" for spec in specs):
+            raise UsageError("--gpus_per_trial: main.py runs on the CPU only; sweep "
+                             "main_pytorch.py runs alone, or leave it out")
+        for spec in specs:
+            spec["flags"] += ["--device", "cuda"]
+    sweep_dir = Path(args.sweep_dir or "results/sweeps/" + (f"paper_{args.paper}" if args.paper
+                                                           else "grid"))
+    if args.dry_run:
+        for spec in specs:
+            print(f"{spec['name']}: python {spec['script']} {' '.join(spec['flags'])}")
+        return 0
+    write_manifest(sweep_dir, specs, args, own, common)
+    tic = time.time()
+    run_sweep(specs, sweep_dir, args)
+    failed = summarize(specs, sweep_dir)
+    log.info("sweep took %.1f min; %d of %d runs finished", (time.time() - tic) / 60,
+             len(specs) - failed, len(specs))
+    if failed < len(specs):
+        out = args.out or ("results/paper" if args.paper else sweep_dir)
+        collect(sweep_dir, out)
+        log.info("table, curves and figure in %s", out)
+    return 1 if failed else 0
+
+
+def write_manifest(sweep_dir, specs, args, own, common):
+    """sweep.json: every run spec this folder has seen and the commands that made them."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / "sweep.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {"runs": [], "commands": []}
+    known = {spec["name"]: spec for spec in manifest["runs"]}
+    for spec in specs:
+        if spec["name"] in known and known[spec["name"]]["flags"] != spec["flags"]:
+            raise UsageError(f"{sweep_dir} already holds run {spec['name']} with other flags; "
+                             "use another --sweep_dir")
+        known[spec["name"]] = spec
+    command = " ".join(["sweep.py", *own] + (["--", *common] if common else []))
+    manifest.update(runs=list(known.values()), paper=args.paper,
+                    commands=list(dict.fromkeys([*manifest["commands"], command])))
+    utils.write_json(path, manifest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
