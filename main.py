@@ -37,16 +37,14 @@ MIN_ETA = 1e-6
 # Command line
 # ------------------------------------------------------------------------------------------
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    utils.add_common_arguments(parser, exp_name="expPEPITA", learn_types=fn.LEARN_TYPES,
-                               update_types=fn.UPDATE_TYPES, train_epochs=3, batch_size=64,
-                               dataset="mn")
+    parser = utils.new_parser(__doc__)
+    utils.add_common_arguments(
+        parser, exp_name="expPEPITA", learn_types=fn.LEARN_TYPES,
+        update_types=fn.UPDATE_TYPES, train_epochs=3, batch_size=64, dataset="mn",
+        eta_decay_help="eta x 0.1 at epochs 60 and 90 (counted from 0), never below 1e-6")
     add = parser.add_argument
     add("--sample_passes", "-sp", type=utils.positive_int, default=2,
         help="forward passes per sample (2 for ERIN, 1 for the other rules)")
-    add("--n_samples", "-ns", default="all",
-        help="'all', or N: a random contiguous slice of N training samples, also used as "
-             "the test set (an overfitting check)")
     add("--no_shuffling", "-no_shuffling", action="store_true", help="do not shuffle")
     add("--zeromean", "-zm", action="store_true", help="inputs in [-1, 1] instead of [0, 1]")
     add("--deformation", "-def", action="store_true",
@@ -67,17 +65,24 @@ def build_parser():
     add("--validation", "-val", action="store_true", help="validate every epoch")
     add("--keep_variants", "-kv", default="un", choices=("ul", "ue", "un"),
         help="kept for the folder name only")
-    add("--build", "-build", default="auto", choices=("auto", "custom"))
+    add("--build", "-build", default="auto", choices=("auto", "custom"),
+        help="auto: sizes from --struct, --start_size, --n_hlayers and the dataset; "
+             "custom: --architecture and --act_list")
     add("--architecture", "-arch", type=utils.positive_int, nargs="+",
         default=[784, 2000, 1500, 1000, 500, 10], help="layer sizes with --build custom")
     add("--act_list", "-act", nargs="+", default=["tanh_ciresan"] * 4 + ["softmax"],
         help="one activation per layer with --build custom")
-    add("--struct", "-struct", default="uniform", choices=("uniform", "pyramidal"))
+    add("--struct", "-struct", default="uniform", choices=("uniform", "pyramidal"),
+        help="hidden layers all of --start_size units, or halving at each layer")
     add("--start_size", "-ss", type=utils.positive_int, default=1024,
         help="size of the first hidden layer")
-    add("--n_hlayers", "-nh", type=int, default=2, help="number of hidden layers")
-    add("--act_hidden", "-act_h", default="relu", choices=tuple(utils.ACTIVATIONS))
-    add("--act_out", "-act_o", default="softmax", choices=tuple(utils.ACTIVATIONS))
+    add("--n_hlayers", "-nh", type=utils.non_negative_int, default=2,
+        help="number of hidden layers")
+    add("--act_hidden", "-act_h", default="relu", choices=tuple(utils.ACTIVATIONS),
+        help="activation of the hidden layers (Lrelu: slope 0.1; tanh_ciresan: "
+             "1.7159 tanh(0.6666 a))")
+    add("--act_out", "-act_o", default="softmax", choices=tuple(utils.ACTIVATIONS),
+        help="activation of the output layer")
     add("--dtype", default="float64", choices=("float64", "float32"),
         help="compute precision (float64 as published)")
     return parser
@@ -103,8 +108,6 @@ def architecture(args, n_in, n_out):
             raise UsageError(f"--architecture {' '.join(map(str, sizes))} does not fit the "
                              f"dataset: it needs {n_in} inputs and {n_out} outputs")
     else:
-        if args.n_hlayers < 0:
-            raise UsageError(f"--n_hlayers must be >= 0, got {args.n_hlayers}")
         hidden = [args.start_size // (2 ** i if args.struct == "pyramidal" else 1)
                   for i in range(args.n_hlayers)]
         if min(hidden, default=1) < 1:
@@ -124,9 +127,6 @@ def check_settings(args):
         raise UsageError("--check_cos_norm measures the angle with F: use it with ERIN")
     if args.continue_training != bool(args.continue_training_path):
         raise UsageError("--continue_training and --continue_training_path go together")
-    if args.n_samples != "all" and not (args.n_samples.isdigit() and int(args.n_samples) > 0):
-        raise UsageError(f"--n_samples must be 'all' or a positive integer, got "
-                         f"{args.n_samples!r}")
 
 
 def folder_name(args, code):
@@ -158,13 +158,8 @@ def load_data(args, code, data_rng, dtype):
                          "--no_test_as_val")
     x_train, y_train, x_test, y_test = utils.load_dataset(code, args.data_dir, "keras")
     classes = DATASETS[code]["classes"]
-    if args.n_samples != "all":
-        n = int(args.n_samples)
-        if n > len(x_train):
-            raise UsageError(f"--n_samples {n} exceeds the {len(x_train)} training samples")
-        start = int(data_rng.integers(0, len(x_train) - n + 1))
-        x_train, y_train = x_train[start:start + n], y_train[start:start + n]
-        x_test, y_test = x_train, y_train
+    (x_train, y_train), (x_test, y_test) = utils.sample_slice(
+        data_rng, args.n_samples, (x_train, y_train), (x_test, y_test))
     if args.no_test_as_val:
         train_idx, val_idx = validation_split(len(x_train))
         x_val, y_val = x_train[val_idx], y_train[val_idx]
@@ -218,11 +213,9 @@ def save_npz(path, arrays):
 
 
 def load_npz(path):
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return dict(f)
-    except (OSError, ValueError, EOFError) as err:
-        raise UsageError(f"{path} cannot be read ({err}); point to another file") from None
+    """The arrays of an .npz file; OSError and friends when it is unreadable or damaged."""
+    with np.load(path, allow_pickle=False) as f:
+        return dict(f)
 
 
 def continue_from(args, model):
@@ -233,7 +226,11 @@ def continue_from(args, model):
     if not path.is_file():
         raise UsageError(f"--continue_training_path: {path} does not exist; give a results "
                          "folder holding weights_run0.npz, or a weights .npz file")
-    saved = load_npz(path)
+    try:
+        saved = load_npz(path)
+    except utils.BROKEN_FILE_ERRORS as err:
+        raise UsageError(f"--continue_training_path: {path} is damaged or not a weights file "
+                         f"({utils.describe(err)}); give another") from None
     for layer, w in enumerate(model.weights):
         stored = saved.get(f"W{layer}")
         if stored is None or stored.shape != w.shape:
@@ -244,8 +241,20 @@ def continue_from(args, model):
         model.F[...] = saved["F"]
 
 
+def checkpoint_state(args, run, epoch, history, **extra):
+    return np.array(json.dumps({"run": run, "epoch": epoch, "settings": vars(args),
+                                "history": history, **extra}))
+
+
+def save_start_checkpoint(folder, args, run, history):
+    """Run `run` is next and has not started (epoch -1): the settings and the curves so
+    far are all a resume needs, since each run starts from its own seeded state."""
+    save_npz(Path(folder) / "checkpoint.npz", {"state": checkpoint_state(args, run, -1,
+                                                                          history)})
+
+
 def save_checkpoint(folder, args, run, epoch, model, optimizer, carry, rngs, history):
-    """Everything an exact resume needs; epoch -1: run `run` has not started yet."""
+    """Everything an exact resume in the middle of run `run` needs, after `epoch`."""
     arrays = model_arrays(model)
     arrays.update({f"opt{k}_{layer}": b
                    for k, buffers in enumerate(optimizer.saved_buffers())
@@ -253,35 +262,42 @@ def save_checkpoint(folder, args, run, epoch, model, optimizer, carry, rngs, his
     if carry.factors is not None:
         arrays.update({f"carry{k}_{layer}": f for layer, pair in enumerate(carry.factors)
                        for k, f in enumerate(pair)})
-    arrays["state"] = np.array(json.dumps({
-        "run": run, "epoch": epoch, "settings": vars(args), "opt_steps": optimizer.step_count,
-        "rngs": {name: utils.rng_state(rng) for name, rng in rngs.items()},
-        "history": history}))
+    arrays["state"] = checkpoint_state(
+        args, run, epoch, history, opt_steps=optimizer.step_count,
+        rngs={name: utils.rng_state(rng) for name, rng in rngs.items()})
     save_npz(Path(folder) / "checkpoint.npz", arrays)
 
 
 def restore_checkpoint(folder, model, optimizer, carry, rngs):
     """Load the interrupted run's state in place; returns its last complete epoch."""
-    saved = load_npz(Path(folder) / "checkpoint.npz")
-    state = json.loads(str(saved["state"]))
-    for name, array in model_arrays(model).items():
-        array[...] = saved[name]
-    for k, buffers in enumerate(optimizer.buffers):
-        for layer, b in enumerate(buffers):
-            b[...] = saved[f"opt{k}_{layer}"]
-    optimizer.step_count = state["opt_steps"]
-    carry.factors = ([(saved[f"carry0_{layer}"], saved[f"carry1_{layer}"])
-                      for layer in range(len(model.weights))] if "carry0_0" in saved else None)
-    for name, rng in rngs.items():
-        utils.set_rng_state(rng, state["rngs"][name])
+    path = Path(folder) / "checkpoint.npz"
+    try:
+        saved = load_npz(path)
+        state = json.loads(str(saved["state"]))
+        for name, array in model_arrays(model).items():
+            array[...] = saved[name]
+        for k, buffers in enumerate(optimizer.buffers):
+            for layer, b in enumerate(buffers):
+                b[...] = saved[f"opt{k}_{layer}"]
+        optimizer.step_count = state["opt_steps"]
+        carry.factors = ([(saved[f"carry0_{layer}"], saved[f"carry1_{layer}"])
+                          for layer in range(len(model.weights))]
+                         if "carry0_0" in saved else None)
+        for name, rng in rngs.items():
+            utils.set_rng_state(rng, state["rngs"][name])
+    except (*utils.BROKEN_FILE_ERRORS, TypeError) as err:
+        raise utils.checkpoint_error(path, err) from None
     return state["epoch"]
 
 
 # ------------------------------------------------------------------------------------------
 # Result files: the published text files, metrics.json and learning-curve plots
 # ------------------------------------------------------------------------------------------
-def write_results(folder, args, history, seed, total_time, final=False):
+def write_results(folder, args, history, seed, total_time, status="running"):
+    """The published text files, metrics.json (status: running, finished or diverged) and
+    the learning-curve plots."""
     folder = Path(folder)
+    final = status == "finished"
     done = len(history["final_test"])
     for r in range(done):
         utils.write_table(folder / f"train_acc_run{r}.txt", [[a] for a in history["train"][r]])
@@ -303,7 +319,7 @@ def write_results(folder, args, history, seed, total_time, final=False):
     lines += [f"total time: {total_time:.1f} s"]
     utils.write_text(folder / f"res_summary_{args.exp_name}.txt", "\n".join(lines) + "\n")
     utils.write_json(folder / "metrics.json", {
-        "settings": vars(args), "seed": seed, "status": "finished" if final else "running",
+        "settings": vars(args), "seed": seed, "status": status,
         "runs_finished": done, "summary": summary, "total_time_s": total_time, **history})
     labels = {"train": "training accuracy", "val": "validation accuracy"}
     curves = {label: history[k][:max(done, 1)] for k, label in labels.items()
@@ -354,43 +370,70 @@ def train(args):
     log.info("%s on %s, layers %s, results in %s", args.learn_type, code, sizes, folder)
 
     history = resumed["history"] if resumed else {**new_history(), "seed": seed}
+    if not resumed:
+        save_start_checkpoint(folder, args, 0, history)
     start_time = time.time() - sum(map(sum, history["epoch_time_s"]))
-    for run in range(len(history["final_test"]), args.n_runs):
-        init_rng, mask_rng, shuffle_rng, deform_rng = (
-            np.random.default_rng(s) for s in run_seqs[run].spawn(4))
-        rngs = {"mask": mask_rng, "shuffle": shuffle_rng, "deform": deform_rng}
-        model = fn.init_model(init_rng, args.learn_type, sizes, acts, args.w_init,
-                              args.dropout, dtype)
-        if args.continue_training:
-            continue_from(args, model)
-        optimizer = fn.Optimizer(args.update_type, model.weights)
-        carry = fn.Carry()
-        first_epoch = 0
-        if resumed and resumed["run"] == run:  # an interrupted run: continue it
-            first_epoch = restore_checkpoint(folder, model, optimizer, carry, rngs) + 1
-        else:
-            for key in ("train", "val", "test", "angles", "norms", "epoch_time_s"):
-                history[key].append([])
-            if args.check_cos_norm:
-                record_angle(history, model)
-        run_epochs(args, folder, run, first_epoch, model, optimizer, carry, rngs, history,
-                   train_set, val_set, test_set, raw_train, dtype, start_time)
-        history["final_train"].append(history["train"][run][-1])
-        final_val, final_test = evaluate(model, val_set, test_set)
-        history["final_val"].append(final_val)
-        history["final_test"].append(final_test)
-        save_npz(folder / f"weights_run{run}.npz", model_arrays(model))
-        log.info("run %d: final test accuracy %.4f", run, history["final_test"][-1])
-        write_results(folder, args, history, seed, time.time() - start_time)
-        save_checkpoint(folder, args, run + 1, -1, model, optimizer, carry, rngs, history)
-    write_results(folder, args, history, seed, time.time() - start_time, final=True)
-    log.info("test accuracy %.4f +- %.4f over %d run(s), %.1f s", np.mean(history["final_test"]),
-             np.std(history["final_test"]), args.n_runs, time.time() - start_time)
+    try:
+        for run in range(len(history["final_test"]), args.n_runs):
+            train_run(args, folder, run, resumed, history, sizes, acts, run_seqs[run],
+                      (train_set, val_set, test_set, raw_train), dtype, start_time)
+    except DivergenceError as err:  # recorded, so that --resume can say what happened
+        history["divergence"] = str(err)
+        write_results(folder, args, history, seed, time.time() - start_time, "diverged")
+        raise
+    write_results(folder, args, history, seed, time.time() - start_time, "finished")
+    log.info("test accuracy %.4f +- %.4f over %d run(s), %.1f s; results in %s",
+             np.mean(history["final_test"]), np.std(history["final_test"]), args.n_runs,
+             time.time() - start_time, folder)
     return history
 
 
+def train_run(args, folder, run, resumed, history, sizes, acts, run_seq, data, dtype,
+              start_time):
+    """Run `run` from its own seeded state, or from the checkpoint when it was under way."""
+    train_set, val_set, test_set, raw_train = data
+    init_rng, mask_rng, shuffle_rng, deform_rng = (
+        np.random.default_rng(s) for s in run_seq.spawn(4))
+    rngs = {"mask": mask_rng, "shuffle": shuffle_rng, "deform": deform_rng}
+    model = fn.init_model(init_rng, args.learn_type, sizes, acts, args.w_init, args.dropout,
+                          dtype)
+    if args.continue_training:
+        continue_from(args, model)
+    optimizer = fn.Optimizer(args.update_type, model.weights)
+    carry = fn.Carry()
+    first_epoch = 0
+    if resumed and resumed["run"] == run and resumed["epoch"] >= 0:  # under way: continue
+        first_epoch = restore_checkpoint(folder, model, optimizer, carry, rngs) + 1
+    else:
+        for key in ("train", "val", "test", "angles", "norms", "epoch_time_s"):
+            history[key].append([])
+        if args.check_cos_norm:
+            record_angle(history, model)
+    run_epochs(args, folder, run, first_epoch, model, optimizer, carry, rngs, history,
+               train_set, val_set, test_set, raw_train, dtype, start_time)
+    history["final_train"].append(history["train"][run][-1])
+    final_val, final_test = evaluate(model, val_set, test_set)
+    history["final_val"].append(final_val)
+    history["final_test"].append(final_test)
+    save_npz(folder / f"weights_run{run}.npz", model_arrays(model))
+    log.info("run %d: final test accuracy %.4f", run, history["final_test"][-1])
+    write_results(folder, args, history, history["seed"], time.time() - start_time)
+    save_start_checkpoint(folder, args, run + 1, history)
+
+
 def read_resume_state(folder):
-    return json.loads(str(load_npz(utils.resume_checkpoint(folder, "checkpoint.npz"))["state"]))
+    """The state saved in folder's checkpoint, or None when the run never saved one."""
+    path = utils.resume_checkpoint(folder, "checkpoint.npz")
+    if path is None:
+        return None
+    try:
+        state = json.loads(str(load_npz(path)["state"]))
+        missing = [k for k in ("run", "epoch", "settings", "history") if k not in state]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)} in its state")
+    except (*utils.BROKEN_FILE_ERRORS, TypeError) as err:
+        raise utils.checkpoint_error(path, err) from None
+    return state
 
 
 def evaluate(model, val_set, test_set):

@@ -10,6 +10,7 @@ The tutorial's fully connected CIFAR-10 net: --model NetFC1x1024DOcust_cif --dat
 --batch_size 64 --decay_scheme 0. Add --data_dir DIR to read local dataset files.
 """
 import argparse
+import pickle
 import logging
 import math
 import sys
@@ -34,16 +35,18 @@ UPDATE_TYPES = ("SGD", "mom", "adam")
 # Command line
 # ------------------------------------------------------------------------------------------
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    utils.add_common_arguments(parser, exp_name="exptorch", learn_types=LEARN_TYPES,
-                               update_types=UPDATE_TYPES, train_epochs=100, batch_size=50,
-                               dataset="cif")
+    parser = utils.new_parser(__doc__)
+    utils.add_common_arguments(
+        parser, exp_name="exptorch", learn_types=LEARN_TYPES, update_types=UPDATE_TYPES,
+        train_epochs=100, batch_size=50, dataset="cif",
+        eta_decay_help="learning rate x 0.1 at the epochs of --decay_scheme")
     add = parser.add_argument
     add("--model", "-mod", default="Net1conv1fcXL_cif",
         choices=(*models.MODELS, "NetFC"), help="network (NetFC: fully connected, any depth)")
     add("--fc_hidden", type=utils.positive_int, nargs="+", default=[1024],
         help="hidden layer sizes of --model NetFC")
-    add("--Bstd", "-Bstd", type=float, default=0.05, help="scale of the projection B (= F)")
+    add("--Bstd", "-Bstd", type=utils.positive_float, default=0.05,
+        help="scale of the projection B (= F)")
     add("--B_mean_zero", "-Bmz", action=argparse.BooleanOptionalAction, default=True,
         help="B uniform around zero (on, as the published code forces); "
              "--no-B_mean_zero draws it from U(0, s)")
@@ -51,13 +54,17 @@ def build_parser():
     add("--sqrt_conv", action="store_true",
         help="divide the conv update by sqrt(positions) instead of the positions")
     add("--decay_scheme", "-decs", type=int, default=1, choices=(0, 1),
-        help="with --eta_decay: 0 = epoch 60 (MNIST) or 60 and 90; 1 = epochs 10, 30, 60")
+        help="with --eta_decay, the epochs (counted from 0) of the decays: 0 = 60 on MNIST, "
+             "60 and 90 otherwise; 1 = 10, 30 and 60")
     add("--is_pool", action="store_true",
         help="kept for the published commands: the fc update of conv models always uses "
              "the pooled features (the published code crashes without this flag)")
-    add("--is_fc", action="store_true", help="parsed by the published code, never used")
-    add("--freeze_bn", action="store_true", help="parsed by the published code, never used")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add("--is_fc", action="store_true",
+        help="refused: the published code parses it but never uses it")
+    add("--freeze_bn", action="store_true",
+        help="refused: the published code parses it but no model here has batch norm")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"),
+        help="where to train: auto = cuda when available, else cpu")
     return parser
 
 
@@ -94,14 +101,22 @@ def decay_epochs(args, code):
 # ------------------------------------------------------------------------------------------
 # Data: each dataset held in memory as one float tensor scaled like ToTensor
 # ------------------------------------------------------------------------------------------
-def load_tensors(code, data_dir, device):
+def load_tensors(code, data_dir, device, n_samples="all", data_rng=None):
+    """Train and test images (N, C, H, W) in [0, 1] and labels, on device; n_samples: see
+    utils.sample_slice (data_rng picks the slice)."""
     x_train, y_train, x_test, y_test = utils.load_dataset(code, data_dir, "torchvision")
+    (x_train, y_train), (x_test, y_test) = utils.sample_slice(
+        data_rng, n_samples, (x_train, y_train), (x_test, y_test))
 
     def to_tensor(images):  # uint8 NHWC -> float NCHW in [0, 1], once
         return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255).contiguous()
 
     return (to_tensor(x_train).to(device), torch.from_numpy(y_train).to(device),
             to_tensor(x_test).to(device), torch.from_numpy(y_test).to(device))
+
+
+CHECKPOINT_KEYS = ("run", "epoch", "settings", "history")
+UNDER_WAY_KEYS = ("model", "B", "optimizer", "generators")
 
 
 @torch.no_grad()
@@ -171,23 +186,53 @@ def save_torch(path, obj):
     utils.atomic_write(path, lambda tmp: torch.save(on_cpu(obj), tmp))
 
 
-def load_torch(path):
+def load_checkpoint(folder):
+    """The checkpoint of an interrupted run, checked, or None when it never saved one."""
+    path = utils.resume_checkpoint(folder, "checkpoint.pt")
+    if path is None:
+        return None
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except (OSError, RuntimeError, EOFError) as err:
-        raise UsageError(f"{path} cannot be read ({err})") from None
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        needed = CHECKPOINT_KEYS + (UNDER_WAY_KEYS if state.get("epoch", -1) >= 0 else ())
+        missing = [k for k in needed if k not in state]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+    except (*utils.BROKEN_FILE_ERRORS, RuntimeError, AttributeError, TypeError,
+            pickle.UnpicklingError) as err:
+        raise utils.checkpoint_error(path, err) from None
+    return state
+
+
+def save_start_checkpoint(folder, args, run, history):
+    """Run `run` is next and has not started (epoch -1): each run starts from its own
+    seeded state, so the settings and the curves so far are all a resume needs."""
+    save_torch(Path(folder) / "checkpoint.pt", {"run": run, "epoch": -1,
+                                                "settings": vars(args), "history": history})
 
 
 def save_checkpoint(folder, args, run, epoch, model, optimizer, B, generators, history):
-    """Everything an exact resume needs; epoch -1: run `run` has not started yet."""
+    """Everything an exact resume in the middle of run `run` needs, after `epoch`."""
     save_torch(Path(folder) / "checkpoint.pt", {
         "run": run, "epoch": epoch, "settings": vars(args), "model": model.state_dict(),
-        "B": B,
-        "optimizer": optimizer.state_dict(),
+        "B": B, "optimizer": optimizer.state_dict(),
         "generators": [g.get_state() for g in generators], "history": history})
 
 
-def write_results(folder, args, history, final=False):
+def restore_checkpoint(folder, state, model, optimizer, generators, device):
+    """Load a run under way in place; returns B and the epoch to start from."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        for g, g_state in zip(generators, state["generators"]):
+            g.set_state(g_state)
+        return state["B"].to(device), state["epoch"] + 1
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
+        raise utils.checkpoint_error(Path(folder) / "checkpoint.pt", err) from None
+
+
+def write_results(folder, args, history, status="running"):
+    """The published text files, metrics.json (status: running, finished or diverged) and
+    the learning-curve plot."""
     folder = Path(folder)
     for r, (losses, test) in enumerate(zip(history["loss"], history["test"])):
         utils.write_table(folder / f"losses_run{r}.txt", [[v] for v in losses])
@@ -199,7 +244,7 @@ def write_results(folder, args, history, final=False):
     summary = ({"test_mean": float(np.mean(finished)), "test_std": float(np.std(finished))}
                if finished else {})
     utils.write_json(folder / "metrics.json", {
-        "settings": vars(args), "status": "finished" if final else "running",
+        "settings": vars(args), "status": status,
         "accuracy_unit": "percent", "summary": summary, **history})
     done = [run for run in history["test"] if len(run) == len(history["test"][0])]
     utils.plot_curves(folder / "learning_curve.png", {"test accuracy": done},
@@ -215,16 +260,16 @@ def train(args):
     device = torch.device("cuda" if args.device == "cuda" or (
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
     folder = utils.results_folder(args, folder_name(args, code))
-    state = None
-    if args.resume:
-        state = load_torch(utils.resume_checkpoint(folder, "checkpoint.pt"))
+    state = load_checkpoint(folder) if args.resume else None
+    if state:
         args.seed = utils.check_resume_settings(state["settings"], args)
-    seed, _, run_seqs = utils.seed_sequences(args.seed, args.n_runs)
+    seed, data_seq, run_seqs = utils.seed_sequences(args.seed, args.n_runs)
     args.seed = seed  # recorded with the settings, so that a run can be repeated exactly
-    x_train, y_train, x_test, y_test = load_tensors(code, args.data_dir, device)
+    data = load_tensors(code, args.data_dir, device, args.n_samples,
+                        np.random.default_rng(data_seq))
     n_classes = DATASETS[code]["classes"]
-    log.debug("training set %s, test set %s", tuple(x_train.shape), tuple(x_test.shape))
-    models.build_model(args.model, x_train.shape[1:], n_classes, args.w_init)  # fits data?
+    log.debug("training set %s, test set %s", tuple(data[0].shape), tuple(data[2].shape))
+    models.build_model(args.model, data[0].shape[1:], n_classes, args.w_init)  # fits data?
     utils.prepare_folder(folder, args.resume, args.overwrite)
     log.info("%s %s on %s (%s), results in %s", args.model, args.learn_type, code, device,
              folder)
@@ -232,63 +277,73 @@ def train(args):
     history = state["history"] if state else {"seed": seed, "loss": [], "test": [],
                                               "angles": [], "norms": [],
                                               "epoch_time_s": [], "runs_finished": 0}
-    first_run = history["runs_finished"]
-    for run in range(first_run, args.n_runs):
-        init_seed, cpu_seed, device_seed = run_seqs[run].generate_state(3)
-        torch.manual_seed(int(init_seed))
-        model = models.build_model(args.model, x_train.shape[1:], n_classes, args.w_init,
-                                   np.random.default_rng(int(init_seed))).to(device)
-        generators = (torch.Generator().manual_seed(int(cpu_seed)),
-                      torch.Generator(device).manual_seed(int(device_seed)))
-        B = models.projection_matrix(generators[1], x_train[0].numel(), n_classes, args.Bstd,
-                                     args.B_mean_zero, device)
-        params = [layer.weight for layer in model.layers
-                  if not (args.freeze_conv and layer is getattr(model, "conv", None))]
-        if args.freeze_conv:
-            model.conv.weight.requires_grad_(False)
-        optimizer = models.make_optimizer(args.update_type, args.learn_type, params, args.eta)
-        first_epoch = 0
-        if state and state["run"] == run and state["epoch"] >= 0:
-            model.load_state_dict(state["model"])
-            B = state["B"].to(device)
-            optimizer.load_state_dict(state["optimizer"])
-            for g, g_state in zip(generators, state["generators"]):
-                g.set_state(g_state)
-            first_epoch = state["epoch"] + 1
-        else:
-            for key in ("loss", "test", "angles", "norms", "epoch_time_s"):
-                history[key].append([])
-            if args.check_cos_norm:
-                record_angle(history, model, B)
-        for epoch in range(first_epoch, args.train_epochs):
-            tic = time.perf_counter()
-            if epoch in decay_epochs(args, code):
-                for group in optimizer.param_groups:
-                    group["lr"] *= 0.1
-            log.debug("run %d epoch %d: learning rate %g", run, epoch + 1,
-                      optimizer.param_groups[0]["lr"])
-            with tqdm(total=len(x_train), desc=f"run {run} epoch {epoch + 1}", leave=False,
-                      disable=None) as progress:
-                loss = train_epoch(args, model, optimizer, B, (x_train, y_train), generators,
-                                   n_classes, progress, f"run {run} epoch {epoch + 1}")
-            test_acc = accuracy(model, x_test, y_test)
-            history["loss"][run].append(loss)
-            history["test"][run].append(test_acc)
-            if args.check_cos_norm:
-                record_angle(history, model, B)
-            history["epoch_time_s"][run].append(time.perf_counter() - tic)
-            log.info("run %d epoch %d: loss %.4f, test accuracy %.2f%% (%.1f s)", run,
-                     epoch + 1, loss, test_acc, history["epoch_time_s"][run][-1])
-            save_checkpoint(folder, args, run, epoch, model, optimizer, B, generators, history)
-            write_results(folder, args, history)
-        history["runs_finished"] = run + 1
-        save_torch(folder / f"weights_run{run}.pt", {"model": model.state_dict(), "B": B})
-        save_checkpoint(folder, args, run + 1, -1, model, optimizer, B, generators, history)
-    write_results(folder, args, history, final=True)
+    if not state:
+        save_start_checkpoint(folder, args, 0, history)
+    try:
+        for run in range(history["runs_finished"], args.n_runs):
+            train_run(args, folder, run, state, history, run_seqs[run], data, n_classes,
+                      code, device)
+    except utils.DivergenceError as err:  # recorded, so that --resume can say what happened
+        history["divergence"] = str(err)
+        write_results(folder, args, history, "diverged")
+        raise
+    write_results(folder, args, history, "finished")
     finals = [run[-1] for run in history["test"]]
-    log.info("test accuracy %.2f%% +- %.2f over %d run(s)", np.mean(finals), np.std(finals),
-             args.n_runs)
+    log.info("test accuracy %.2f%% +- %.2f over %d run(s); results in %s", np.mean(finals),
+             np.std(finals), args.n_runs, folder)
     return history
+
+
+def train_run(args, folder, run, state, history, run_seq, data, n_classes, code, device):
+    """Run `run` from its own seeded state, or from the checkpoint when it was under way."""
+    x_train, y_train, x_test, y_test = data
+    init_seed, cpu_seed, device_seed = run_seq.generate_state(3)
+    torch.manual_seed(int(init_seed))
+    model = models.build_model(args.model, x_train.shape[1:], n_classes, args.w_init,
+                               np.random.default_rng(int(init_seed))).to(device)
+    generators = (torch.Generator().manual_seed(int(cpu_seed)),
+                  torch.Generator(device).manual_seed(int(device_seed)))
+    B = models.projection_matrix(generators[1], x_train[0].numel(), n_classes, args.Bstd,
+                                 args.B_mean_zero, device)
+    params = [layer.weight for layer in model.layers
+              if not (args.freeze_conv and layer is getattr(model, "conv", None))]
+    if args.freeze_conv:
+        model.conv.weight.requires_grad_(False)
+    optimizer = models.make_optimizer(args.update_type, args.learn_type, params, args.eta)
+    first_epoch = 0
+    if state and state["run"] == run and state["epoch"] >= 0:  # under way: continue
+        B, first_epoch = restore_checkpoint(folder, state, model, optimizer, generators,
+                                            device)
+    else:
+        for key in ("loss", "test", "angles", "norms", "epoch_time_s"):
+            history[key].append([])
+        if args.check_cos_norm:
+            record_angle(history, model, B)
+    for epoch in range(first_epoch, args.train_epochs):
+        tic = time.perf_counter()
+        if epoch in decay_epochs(args, code):
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.1
+        log.debug("run %d epoch %d: learning rate %g", run, epoch + 1,
+                  optimizer.param_groups[0]["lr"])
+        with tqdm(total=len(x_train), desc=f"run {run} epoch {epoch + 1}", leave=False,
+                  disable=None) as progress:
+            loss = train_epoch(args, model, optimizer, B, (x_train, y_train), generators,
+                               n_classes, progress, f"run {run} epoch {epoch + 1}")
+        test_acc = accuracy(model, x_test, y_test)
+        history["loss"][run].append(loss)
+        history["test"][run].append(test_acc)
+        if args.check_cos_norm:
+            record_angle(history, model, B)
+        history["epoch_time_s"][run].append(time.perf_counter() - tic)
+        log.info("run %d epoch %d: loss %.4f, test accuracy %.2f%% (%.1f s)", run,
+                 epoch + 1, loss, test_acc, history["epoch_time_s"][run][-1])
+        save_checkpoint(folder, args, run, epoch, model, optimizer, B, generators, history)
+        write_results(folder, args, history)
+    history["runs_finished"] = run + 1
+    save_torch(folder / f"weights_run{run}.pt", {"model": model.state_dict(), "B": B})
+    write_results(folder, args, history)
+    save_start_checkpoint(folder, args, run + 1, history)
 
 
 def record_angle(history, model, B):

@@ -6,14 +6,18 @@ Nothing here trains a network: main.py/functions.py (numpy) and main_pytorch.py/
 """
 import argparse
 import ctypes
+import fcntl
 import gzip
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
 import struct
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +143,9 @@ def read_idx(path):
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
         raise DatasetError(f"{path} is not an IDX file of unsigned bytes; copy it again")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DatasetError(f"{path} is too short to hold its header: the file is "
+                           "truncated; copy it again")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(bytearray(data), np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -163,26 +170,48 @@ def _load_idx_set(folders, names):
     return x_train, y_train, x_test, y_test
 
 
+# What a truncated or garbage .npz/zip file raises on the way through np.load.
+BROKEN_FILE_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
 def _load_npz(path):
     try:
         with np.load(path, allow_pickle=False) as f:
             return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
-    except (OSError, ValueError, KeyError) as err:
-        raise DatasetError(f"{path} is not a keras-style .npz with x_train, y_train, "
-                           f"x_test, y_test ({err})") from None
+    except BROKEN_FILE_ERRORS as err:
+        raise DatasetError(f"{path} is not a readable keras-style .npz with x_train, "
+                           f"y_train, x_test, y_test ({describe(err)}); copy it "
+                           "again") from None
 
 
 def _unpickle(path):
-    # CIFAR's own format is a pickle: only load copies you trust (see README).
+    """A CIFAR batch as a dict with str keys: Python 2 pickles (str keys, read as latin1)
+    and Python 3 ones (bytes keys) alike, as keras accepts both. CIFAR's own format is a
+    pickle: only load copies you trust (see README)."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, EOFError, pickle.UnpicklingError) as err:
-        raise DatasetError(f"{path} is truncated or corrupt ({err}); copy it again") from None
+            batch = pickle.load(f, encoding="latin1")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as err:
+        raise DatasetError(f"{path} is truncated or corrupt ({describe(err)}); copy it "
+                           "again") from None
+    if not isinstance(batch, dict):
+        raise DatasetError(f"{path} is not a CIFAR batch (a dict); copy it again")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
-def _cifar_images(batch):
-    return np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+def _cifar_field(batch, key, path):
+    if key not in batch:
+        raise DatasetError(f"{path} holds no {key!r}: not a CIFAR batch of this dataset; "
+                           "copy it again")
+    return batch[key]
+
+
+def _cifar_images(batch, path):
+    data = np.asarray(_cifar_field(batch, "data", path))
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DatasetError(f"{path}: 'data' has shape {data.shape}, expected (N, 3072); "
+                           "copy it again")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
 def _load_cifar(folders, code):
@@ -191,11 +220,13 @@ def _load_cifar(folders, code):
     label_key = "labels" if code == "cif" else "fine_labels"
     for folder in folders:
         if all((folder / name).is_file() for name in files):
-            batches = [_unpickle(folder / name) for name in files]
-            train, test = batches[:-1], batches[-1]
-            return (np.concatenate([_cifar_images(b) for b in train]),
-                    np.concatenate([np.asarray(b[label_key]) for b in train]),
-                    _cifar_images(test), np.asarray(test[label_key]))
+            paths = [folder / name for name in files]
+            batches = [_unpickle(path) for path in paths]
+            images = [_cifar_images(b, path) for b, path in zip(batches, paths)]
+            labels = [np.asarray(_cifar_field(b, label_key, path))
+                      for b, path in zip(batches, paths)]
+            return (np.concatenate(images[:-1]), np.concatenate(labels[:-1]), images[-1],
+                    labels[-1])
     return None
 
 
@@ -270,22 +301,78 @@ def load_dataset(code, data_dir=None, downloader="keras"):
             arrays = (_download_keras(code) if downloader == "keras" else
                       _download_torchvision(code, Path.home() / ".cache" / "pepita"))
         except Exception as err:  # any download failure becomes one clear message
-            raise DatasetError(f"could not download {spec['name']} ({type(err).__name__}); "
+            raise DatasetError(f"could not download {spec['name']} ({describe(err)}); "
                                f"offline, put {_expected_files(code)} in a folder and pass "
                                f"it as --data_dir or {DATA_DIR_ENV}") from None
     return _check_arrays(code, *arrays)
 
 
 def _check_arrays(code, x_train, y_train, x_test, y_test):
+    """Images as (N, H, W, C) in [0, 255] and labels as int64 (N,), checked right after
+    loading: shapes, counts, dtypes, value and label ranges."""
     spec = DATASETS[code]
+    checked = []
+    for part, images, labels in (("training", x_train, y_train), ("test", x_test, y_test)):
+        images = _check_images(spec, part, np.asarray(images))
+        labels = _check_labels(spec, part, np.asarray(labels))
+        if len(labels) != len(images):
+            raise DatasetError(f"{spec['name']}: {len(images)} {part} images but "
+                               f"{len(labels)} labels; copy the dataset files again")
+        checked += [images, labels]
+    return tuple(checked)
+
+
+def _check_images(spec, part, images):
     h, w, c = spec["shape"]
-    x_train = np.asarray(x_train, np.uint8).reshape(len(x_train), h, w, c)
-    x_test = np.asarray(x_test, np.uint8).reshape(len(x_test), h, w, c)
-    y_train, y_test = (np.asarray(y, np.int64).reshape(-1) for y in (y_train, y_test))
-    if len(y_train) != len(x_train) or len(y_test) != len(x_test):
-        raise DatasetError(f"{spec['name']}: images and labels differ in number; "
-                           "copy the dataset files again")
-    return x_train, y_train, x_test, y_test
+    name = spec["name"]
+    if images.ndim == 0 or len(images) == 0 or images.size != len(images) * h * w * c:
+        raise DatasetError(f"{name}: the {part} images have shape {images.shape}, expected "
+                           f"(N, {h}, {w}{', ' + str(c) if c > 1 else ''}); "
+                           "this is not this dataset's files")
+    if images.dtype == np.uint8:
+        return images.reshape(len(images), h, w, c)
+    if images.dtype.kind not in "iuf":
+        raise DatasetError(f"{name}: the {part} images are of type {images.dtype}; "
+                           "store them as uint8 in [0, 255] or floats in [0, 1]")
+    low, high = float(np.min(images)), float(np.max(images))
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
+        raise DatasetError(f"{name}: the {part} images hold values from {low} to {high}; "
+                           "store them as uint8 in [0, 255] or floats in [0, 1]")
+    if images.dtype.kind == "f" and high <= 1:  # floats in [0, 1]: back to the 0-255 scale
+        log.info("%s: %s images are floats in [0, 1]; scaled to [0, 255]", name, part)
+        images = images.astype(np.float32) * 255
+    elif images.dtype.kind == "f":
+        images = images.astype(np.float32)
+    else:
+        images = images.astype(np.uint8)
+    return images.reshape(len(images), h, w, c)
+
+
+def _check_labels(spec, part, labels):
+    labels = labels.reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
+    if labels.ndim != 1 or labels.dtype.kind not in "iuf" or (
+            labels.dtype.kind == "f" and not np.all(labels == np.round(labels))):
+        raise DatasetError(f"{spec['name']}: the {part} labels have shape {labels.shape} "
+                           f"and type {labels.dtype}; expected integer class indices")
+    labels = labels.astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= spec["classes"]):
+        raise DatasetError(f"{spec['name']}: the {part} labels range from {labels.min()} to "
+                           f"{labels.max()}, outside 0..{spec['classes'] - 1}; this is not "
+                           "this dataset's files")
+    return labels
+
+
+def sample_slice(data_rng, n_samples, train, test):
+    """--n_samples N: a contiguous slice of N training samples at a random start (fixed by
+    the seed), also used as the test set (the published overfitting check)."""
+    if n_samples == "all":
+        return train, test
+    n = int(n_samples)
+    if n > len(train[0]):
+        raise UsageError(f"--n_samples {n} exceeds the {len(train[0])} training samples")
+    start = int(data_rng.integers(0, len(train[0]) - n + 1))
+    sliced = tuple(a[start:start + n] for a in train)
+    return sliced, sliced
 
 
 def one_hot(labels, n_classes, dtype=np.float64):
@@ -335,11 +422,37 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def non_negative_float(text):
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def n_samples_value(text):
+    if text != "all" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"must be 'all' or a positive integer, got {text!r}")
+    return text
+
+
+def new_parser(doc):
+    """An argparse parser whose --help shows every flag's default."""
+    return argparse.ArgumentParser(description=doc.split("\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def keep_probability(text):
@@ -351,7 +464,7 @@ def keep_probability(text):
 
 
 def add_common_arguments(parser, *, exp_name, learn_types, update_types, train_epochs,
-                         batch_size, dataset):
+                         batch_size, dataset, eta_decay_help):
     """Flags that main.py and main_pytorch.py share (published names and short forms)."""
     add = parser.add_argument
     add("--exp_name", "-en", default=exp_name, help="experiment name (in the folder name)")
@@ -360,12 +473,15 @@ def add_common_arguments(parser, *, exp_name, learn_types, update_types, train_e
     add("--n_runs", "-r", type=positive_int, default=1, help="repetitions of the whole run")
     add("--train_epochs", "-trep", type=positive_int, default=train_epochs, help="epochs")
     add("--eta", "-eta", type=non_negative_float, default=0.01, help="learning rate")
+    add("--n_samples", "-ns", type=n_samples_value, default="all",
+        help="'all', or N: a random contiguous slice of N training samples, also used as "
+             "the test set (an overfitting check, and a quick run)")
     add("--dropout", "-do", type=keep_probability, default=0.9,
         help="dropout KEEP probability (0.9 drops 10%%)")
     add("--check_cos_norm", "-check_cos_norm", action="store_true",
         help="track the angle between F and the weights' product, and the norm of W_1")
-    add("--eta_decay", "-eta_d", action="store_true", help="decay eta by 0.1 at set epochs")
-    add("--seed", "-seed", type=int, default=None,
+    add("--eta_decay", "-eta_d", action="store_true", help=eta_decay_help)
+    add("--seed", "-seed", type=non_negative_int, default=None,
         help="fixes weights, F/B, dropout masks and shuffling (random when omitted; "
              "the seed used is saved in metrics.json)")
     add("--update_type", "-ut", default="mom", choices=update_types, help="optimiser")
@@ -384,14 +500,22 @@ def add_common_arguments(parser, *, exp_name, learn_types, update_types, train_e
     add("--VERBOSE", "-V", action="store_true", help="more output")
 
 
+def describe(err):
+    """An exception as a short phrase: its message, or its type when it has none."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def run_cli(parser, train, argv=None):
-    """Parse the flags and train. Bad input exits with status 2, divergence with status 3,
-    each with one line (as argparse does for bad flags)."""
+    """Parse the flags and train. Bad input, unwritable files and lack of memory exit with
+    status 2, divergence with status 3, Ctrl-C with 130, each with one line (as argparse
+    does for bad flags)."""
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     setup_logging(args.VERBOSE)
     keep_freed_memory()
+    resume_hint = "rerun the same command with --resume to continue from the last epoch"
     try:
         train(args)
     except UsageError as err:
@@ -399,6 +523,17 @@ def run_cli(parser, train, argv=None):
     except DivergenceError as err:
         parser.exit(3, f"{parser.prog}: error: {err}; the last good epoch's results and "
                        "checkpoint are kept\n")
+    except OSError as err:  # unwritable folder, full disk, lost mount...
+        where = f" {err.filename}" if err.filename else ""
+        parser.exit(2, f"{parser.prog}: error: cannot write or read{where} "
+                       f"({err.strerror or describe(err)}); fix that, then {resume_hint}\n")
+    except MemoryError:
+        parser.exit(2, f"{parser.prog}: error: out of memory; use --n_samples, a smaller "
+                       "network or --dtype float32 (numpy), then start again\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted; {resume_hint}\n")
+    finally:
+        release_folder_locks()
     return 0
 
 
@@ -466,36 +601,104 @@ def results_folder(args, name):
 
 
 def resume_checkpoint(folder, name):
-    """The checkpoint file `name` of an interrupted run in folder, for --resume."""
-    path = Path(folder) / name
+    """The checkpoint file `name` of an interrupted run in folder, for --resume, or None
+    when the run never saved one (it ended before its first epoch: start it again)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"--resume: {folder} does not exist (were the flags the same as "
+                         "the interrupted run's?); start the run without --resume")
+    check_not_diverged(folder)
+    path = folder / name
     if not path.is_file():
-        raise UsageError(f"--resume: {folder} holds no checkpoint; start the run without "
-                         "--resume")
+        log.info("%s holds no checkpoint (no epoch had finished): starting from the "
+                 "beginning", folder)
+        return None
     return path
 
 
+def check_not_diverged(folder):
+    """--resume after a divergence stop: refuse with the run and epoch that diverged."""
+    try:
+        metrics = json.loads((Path(folder) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return
+    if metrics.get("status") == "diverged":
+        raise UsageError(f"{folder} stopped because {metrics.get('divergence')}: resuming "
+                         "would diverge again; its files are kept; start again with a "
+                         "lower --eta under another --exp_name (or --overwrite)")
+
+
+def checkpoint_error(path, err):
+    return UsageError(f"{path} is damaged ({describe(err)}), so the run cannot be resumed; "
+                      "start it again with --overwrite, or under another --exp_name")
+
+
+# Held while a run trains: a second run in the same folder is refused, not mixed in.
+_FOLDER_LOCKS = []
+
+
+def release_folder_locks():
+    while _FOLDER_LOCKS:
+        _FOLDER_LOCKS.pop().close()
+
+
+def lock_folder(folder):
+    """Take an exclusive lock on folder/.lock, or refuse when another running process
+    holds it."""
+    lock = open(folder / ".lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UsageError(f"{folder} is in use by another running process; wait for it to "
+                         "end, or choose another --exp_name") from None
+    _FOLDER_LOCKS.append(lock)
+
+
 def prepare_folder(folder, resume, overwrite):
-    """Create the run folder; never mix with or silently replace an existing one."""
+    """Create (or reuse, with resume) and lock the run folder; never mix with or silently
+    replace an existing one. Unwritable places raise OSError (one line, from run_cli)."""
     folder = Path(folder)
-    if resume:
+    for parent in [folder.parent, *folder.parent.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{parent} is a file, not a folder; choose another "
+                             "--results_dir or --nested_folder")
+    if folder.is_dir() and (resume or overwrite):
+        lock_folder(folder)
+        if overwrite:
+            for path in folder.iterdir():
+                if path.name != ".lock":
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
         for leftover in folder.glob(".*.tmp"):  # a write cut short by the interruption
             leftover.unlink()
         return folder
-    if folder.exists():
-        if not overwrite:
-            raise UsageError(f"{folder} already exists; continue it with --resume, choose "
-                             "another --exp_name, or replace it with --overwrite")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir()  # atomic: of two runs started at once, one creates it
+    except FileExistsError:
+        raise UsageError(f"{folder} already exists; continue it with --resume, choose "
+                         "another --exp_name, or replace it with --overwrite") from None
+    lock_folder(folder)
     return folder
 
 
+def _file_mode():
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()  # what open() would give, instead of mkstemp's 0600
+
+
 def atomic_write(path, write):
-    """Write through write(temporary_path), then rename: a reader never sees half a file."""
+    """Write through write(temporary_path), then rename: a reader never sees half a file,
+    and a failed write (full disk) leaves the earlier file as it was."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, FILE_MODE)
         write(tmp)
         os.replace(tmp, path)
     finally:

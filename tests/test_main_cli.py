@@ -131,7 +131,7 @@ def test_continue_training_starts_from_saved_weights(tmp_path, mnist_dir):
     (["--dataset", "fmn", "--mnist"], "two datasets"),
     (["--train_epochs", "0"], "positive integer"),
     (["--eta", "-0.1"], ">= 0"),
-    (["--eta", "nan"], ">= 0"),
+    (["--eta", "nan"], "finite number >= 0"),
     (["--batch_size", "-3"], "positive integer"),
     (["--n_runs", "0"], "positive integer"),
     (["--dropout", "0"], "KEEP probability"),
@@ -150,7 +150,10 @@ def test_continue_training_starts_from_saved_weights(tmp_path, mnist_dir):
     (["--continue_training"], "go together"),
     (["--continue_training", "--continue_training_path", "/nonexistent"], "does not exist"),
     (["--deformation", "--no_test_as_val"], "test set"),
-    (["--resume"], "no checkpoint"),
+    (["--resume"], "does not exist"),
+    (["--seed", "-1"], "integer >= 0"),
+    (["--eta", "inf"], "finite number"),
+    (["--n_hlayers", "-1"], "integer >= 0"),
     (["--resume", "--overwrite"], "exclude"),
 ])
 def test_bad_input_is_rejected_before_any_folder(tmp_path, mnist_dir, capsys, flags, message):
