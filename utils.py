@@ -516,6 +516,7 @@ def run_cli(parser, train, argv=None):
     setup_logging(args.VERBOSE)
     keep_freed_memory()
     resume_hint = "rerun the same command with --resume to continue from the last epoch"
+    locks_before = len(_FOLDER_LOCKS)
     try:
         train(args)
     except UsageError as err:
@@ -533,7 +534,7 @@ def run_cli(parser, train, argv=None):
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted; {resume_hint}\n")
     finally:
-        release_folder_locks()
+        release_folder_locks(locks_before)
     return 0
 
 
@@ -637,8 +638,9 @@ def checkpoint_error(path, err):
 _FOLDER_LOCKS = []
 
 
-def release_folder_locks():
-    while _FOLDER_LOCKS:
+def release_folder_locks(keep=0):
+    """Release the locks taken after the first `keep` (those of the run that ends)."""
+    while len(_FOLDER_LOCKS) > keep:
         _FOLDER_LOCKS.pop().close()
 
 
