@@ -203,8 +203,8 @@ def batch_factors(model, rule, x, t, masks, passes):
     """Factors of the batch's summed G_l, and the correct argmax over the passes counted."""
     if rule in PEPITA_RULES:
         return pepita_factors(model, x, t, masks, passes, sign=rule == "ERINsign")
-    # The other rules repeat the same pass (same weights and masks) sample_passes times
-    # and divide by batch_size * sample_passes: that is one pass divided by batch_size.
+    # The other rules: one pass and one step per batch, whatever sample_passes (README,
+    # "Differences from the published code", says what the published code does instead).
     factors, correct = error_factors(model, x, t, masks, rule)
     return factors, correct * passes
 
