@@ -213,16 +213,13 @@ def die_with_parent():
 
 
 def start_command(spec, run_dir):
-    """The command of a trial: a fresh start, --resume after an interruption (a
-    checkpoint), or --overwrite when the last attempt ended before its first epoch."""
+    """The command of a trial: a fresh start, or --resume after an interruption (the
+    entry script continues from its last epoch, or starts again if it saved none)."""
     command = [sys.executable, str(ROOT / spec["script"]), *spec["flags"],
                "--results_dir", str(run_dir)]
-    folder = run_folder(run_dir)
-    if folder is None:
+    if run_folder(run_dir) is None:
         return command, "start"
-    if any(folder.glob("checkpoint.*")):
-        return command + ["--resume"], "resume"
-    return command + ["--overwrite"], "restart"
+    return command + ["--resume"], "resume"
 
 
 def trial(config):
@@ -262,10 +259,11 @@ def trial(config):
                      if line.strip()]
         record["message"] = lines[-1] if lines else f"exit status {child.returncode}"
     utils.write_json(run_dir / "trial.json", record)
-    if child.returncode != 0:
-        raise RuntimeError(f"{spec['name']}: {record['message']}")
     epochs, acc = progress(read_metrics(run_dir))
-    if epochs > reported:
+    if child.returncode != 0:  # reported, not raised: one line instead of Ray's traceback
+        tune.report({"epoch": epochs, "test_acc": acc, "state": "failed",
+                     "message": record["message"]})
+    elif epochs > reported:
         tune.report({"epoch": epochs, "test_acc": acc, "state": how})
 
 
@@ -279,6 +277,9 @@ def progress_callback():
             log.info("start  %s", trial.config["spec"]["name"])
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("state") == "failed":
+                log.error("failed %s: %s", trial.config["spec"]["name"], result["message"])
+                return
             acc = result.get("test_acc")
             running = sum(t.status == "RUNNING" for t in trials)
             log.info("%-40s epoch %3d  test %s  (%s; %d running, %d of %d ended)",
@@ -286,8 +287,8 @@ def progress_callback():
                      "-" if acc is None else f"{acc:.2f}%", result.get("state"), running,
                      sum(t.is_finished() for t in trials), len(trials))
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            log.error("failed %s (see its trial.json and log.txt)",
+        def on_trial_error(self, iteration, trials, trial, **info):  # a worker lost
+            log.error("failed %s (its worker ended; rerun the sweep to resume it)",
                       trial.config["spec"]["name"])
 
     return Progress()

@@ -443,6 +443,13 @@ def positive_float(text):
     return value
 
 
+def folder_word(text):
+    if not text or "/" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"must be a non-empty name without '/', got {text!r} "
+                                         "(use --nested_folder for sub-folders)")
+    return text
+
+
 def n_samples_value(text):
     if text != "all" and not (text.isdigit() and int(text) > 0):
         raise argparse.ArgumentTypeError(f"must be 'all' or a positive integer, got {text!r}")
@@ -467,7 +474,8 @@ def add_common_arguments(parser, *, exp_name, learn_types, update_types, train_e
                          batch_size, dataset, eta_decay_help):
     """Flags that main.py and main_pytorch.py share (published names and short forms)."""
     add = parser.add_argument
-    add("--exp_name", "-en", default=exp_name, help="experiment name (in the folder name)")
+    add("--exp_name", "-en", type=folder_word, default=exp_name,
+        help="experiment name (in the folder name)")
     add("--learn_type", "-lt", default="ERIN", choices=learn_types,
         help="learning rule (ERIN = PEPITA)")
     add("--n_runs", "-r", type=positive_int, default=1, help="repetitions of the whole run")

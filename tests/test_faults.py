@@ -425,6 +425,7 @@ def test_cifar_pickles_written_by_python_3_are_read(tmp_path):
     (["--n_samples", "0"], "positive integer"),
     (["--n_samples", "100000"], "exceeds"),
     (["--fc_hidden", "0"], "positive integer"),
+    (["--exp_name", "a/b"], "without '/'"),
 ])
 def test_pytorch_flags_out_of_range_exit_2(tmp_path, mnist_dir, capsys, flags, words):
     code, line = exit_status(main_pytorch.main, [*TORCH_JOB, *flags], mnist_dir,

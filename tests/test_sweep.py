@@ -1,0 +1,148 @@
+"""sweep.py on the embedded Ray: grids, collection, resume after a kill, failing trials."""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import sweep
+import utils
+from conftest import ROOT, synthetic_images, write_idx
+
+ray = pytest.importorskip("ray")
+
+SMALL = ["--n_hlayers", "1", "--start_size", "32", "--validation", "--n_samples", "300"]
+
+
+@pytest.fixture(scope="module")
+def embedded_ray():
+    """One local Ray for the in-process sweeps of this module (each sweep reuses it)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def grid_argv(sweep_dir, data_dir, *extra):
+    return ["--script", "main.py", "--grid", "learn_type=ERIN,BP", "--seeds", "2",
+            "--epochs", "2", "--sweep_dir", str(sweep_dir), "--data_dir", str(data_dir),
+            *extra, "--", *SMALL]
+
+
+def final_tests(sweep_dir):
+    """{run name: final test accuracy in %} from the runs' own metrics.json."""
+    finals = {}
+    for path in (sweep_dir / "runs").glob("*/res_*/metrics.json"):
+        metrics = json.loads(path.read_text())
+        finals[path.parent.parent.name] = metrics["final_test"][0] * 100
+    return finals
+
+
+def table_cells(sweep_dir):
+    rows = (sweep_dir / "mnist" / "table.md").read_text().splitlines()[2:]
+    return {(cells[0], cells[1]): cells for cells in
+            ([c.strip() for c in row.strip("|").split("|")] for row in rows)}
+
+
+def test_two_rules_two_seeds_collect_the_runs_own_numbers(tmp_path, mnist_dir, embedded_ray):
+    assert sweep.main(grid_argv(tmp_path, mnist_dir)) == 0
+    finals = final_tests(tmp_path)
+    assert sorted(finals) == ["numpy_BP_seed0", "numpy_BP_seed1", "numpy_ERIN_seed0",
+                              "numpy_ERIN_seed1"]
+    cells = table_cells(tmp_path)
+    for rule, label in (("ERIN", "PEPITA"), ("BP", "BP")):
+        values = [finals[f"numpy_{rule}_seed{s}"] for s in range(2)]
+        assert cells[(label, "numpy")][2] == "2"  # seeds
+        assert cells[(label, "numpy")][4] == f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+    curves = (tmp_path / "mnist" / "curves.csv").read_text().splitlines()
+    assert curves[0].startswith("rule,path,variant,seed,epoch") and len(curves) == 1 + 4 * 2
+    assert (tmp_path / "mnist" / "test_curves.png").stat().st_size > 1000
+    assert "sweep.py --script main.py" in (tmp_path / "mnist" / "README.md").read_text()
+    threads = {json.loads(p.read_text())["cpus"] for p in tmp_path.glob("runs/*/trial.json")}
+    assert threads == {1}
+
+
+def test_a_failing_trial_is_reported_and_the_others_finish(tmp_path, mnist_dir, embedded_ray,
+                                                           caplog):
+    caplog.set_level(logging.INFO, logger="pepita")
+    argv = ["--script", "main.py", "--grid", "eta=0.01,-1", "--epochs", "1", "--sweep_dir",
+            str(tmp_path), "--data_dir", str(mnist_dir), "--", *SMALL]
+    assert sweep.main(argv) == 1  # one run failed
+    record = json.loads((tmp_path / "runs" / "numpy_ERIN_eta=-1_seed0" / "trial.json")
+                        .read_text())
+    assert record["returncode"] == 2 and "--eta" in record["message"]
+    assert "FAILED" in caplog.text and "--eta" in caplog.text
+    assert list(final_tests(tmp_path)) == ["numpy_ERIN_eta=0.01_seed0"]
+    assert (tmp_path / "mnist" / "table.md").is_file()  # collected from what finished
+
+
+def test_dry_run_lists_the_paper_runs(capsys):
+    assert sweep.main(["--paper", "mnist", "--seeds", "3", "--other_seeds", "1",
+                       "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split(":")[0] for line in lines]
+    assert names == ["numpy_ERIN_seed0", "numpy_ERIN_seed1", "numpy_ERIN_seed2",
+                     "numpy_BP_seed0", "numpy_FA_seed0", "numpy_DRTP_seed0",
+                     "numpy_ERINsign_seed0", "numpy_DFA_seed0", "Net1conv1fcXL_ERIN_seed0",
+                     "Net1conv1fcXL_BP_seed0"]
+    assert "--eta 0.1" in lines[0] and "--sample_passes 2" in lines[0]
+    assert "--sample_passes 1" in lines[3] and "main_pytorch.py" in lines[-1]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--grid", "no_such_flag=1,2"], "NAME=V1,V2"),
+    (["--grid", "validation=yes"], "on,off"),
+    (["--paper", "mnist", "--grid", "seed=1"], "exclude"),
+    (["--paper", "mnist", "--gpus_per_trial", "1"], "CPU only"),
+    (["--collect", "/nonexistent"], "sweep.json"),
+])
+def test_bad_sweep_flags_exit_2(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main([*argv, "--dry_run"])
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def mnist_4k(tmp_path_factory):
+    """4096 training images: runs long enough for a kill to land between them."""
+    folder = tmp_path_factory.mktemp("mnist4k")
+    x, y = synthetic_images(np.random.default_rng(7), 4096 + 256, (28, 28))
+    for name, array in zip(utils.MNIST_FILES, (x[:4096], y[:4096], x[4096:], y[4096:])):
+        write_idx(folder / f"{name}.gz", array)
+    return folder
+
+
+def long_argv(sweep_dir, data_dir):
+    argv = grid_argv(sweep_dir, data_dir)
+    argv[argv.index("--epochs") + 1] = "4"
+    argv[argv.index("300")] = "4000"
+    argv[argv.index("32")] = "256"
+    return argv
+
+
+def test_a_killed_sweep_rerun_retrains_nothing_finished(tmp_path, mnist_4k):
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "sweep.py"), *long_argv(tmp_path / "killed", mnist_4k)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    deadline = time.time() + 300
+    finished = []
+    while not finished and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+        finished = [p.parent for p in (tmp_path / "killed").glob("runs/*/trial.json")
+                    if json.loads(p.read_text())["returncode"] == 0]
+    assert finished and process.poll() is None, "no run finished before the sweep ended"
+    os.killpg(process.pid, signal.SIGKILL)  # the whole sweep: driver, Ray, trials
+    process.wait()
+    stamps = {p: p.stat().st_mtime_ns for p in finished[0].rglob("*") if p.is_file()}
+    assert sweep.main(long_argv(tmp_path / "killed", mnist_4k)) == 0
+    assert {p: p.stat().st_mtime_ns for p in finished[0].rglob("*") if p.is_file()} == stamps
+    assert sweep.main(long_argv(tmp_path / "straight", mnist_4k)) == 0
+    assert final_tests(tmp_path / "killed") == final_tests(tmp_path / "straight")
+    assert ((tmp_path / "killed" / "mnist" / "curves.csv").read_text() ==
+            (tmp_path / "straight" / "mnist" / "curves.csv").read_text())
