@@ -43,8 +43,8 @@ def build_parser():
     add = parser.add_argument
     add("--model", "-mod", default="Net1conv1fcXL_cif",
         choices=(*models.MODELS, "NetFC"), help="network (NetFC: fully connected, any depth)")
-    add("--fc_hidden", type=utils.positive_int, nargs="+", default=[1024],
-        help="hidden layer sizes of --model NetFC")
+    add("--fc_hidden", type=utils.positive_int, nargs="+", default=None,
+        help="hidden layer sizes of --model NetFC (default: 1024)")
     add("--Bstd", "-Bstd", type=utils.positive_float, default=0.05,
         help="scale of the projection B (= F)")
     add("--B_mean_zero", "-Bmz", action=argparse.BooleanOptionalAction, default=True,
@@ -65,7 +65,37 @@ def build_parser():
         help="refused: the published code parses it but no model here has batch norm")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"),
         help="where to train: auto = cuda when available, else cpu")
+    add("--weight_decay", type=utils.non_negative_float, default=0.0,
+        help="L2 weight decay wd of every rule: the gradient gains wd * W (torch's form)")
+    followup = parser.add_argument_group(
+        "the follow-up's rules (Srinivasan et al., ICLR 2024), for ERIN and NetFC models")
+    add = followup.add_argument
+    add("--pepita_mode", default="published", choices=models.PEPITA_MODES,
+        help="published: the ICML update; modulated, forward, mixed, time_local: the "
+             "follow-up's (README, 'The follow-up's rules')")
+    add("--feedback", default="uniform", choices=("uniform", "normal"),
+        help="uniform: the ICML F; normal: one Gaussian B_l per layer, F = B_1 ... B_L")
+    add("--normalize", default="none", choices=("none", *models.NORMALIZATIONS),
+        help="divide each hidden block's output by its norm over the batch (batch) or per "
+             "sample (sample)")
+    add("--mirror", action="store_true",
+        help="train the B_l by weight mirroring (needs --feedback normal)")
+    for name, value, text in MIRROR_SETTINGS:
+        add(f"--{name}", type=utils.non_negative_int if isinstance(value, int)
+            else utils.non_negative_float, default=argparse.SUPPRESS,  # set by --mirror
+            help=f"{text} (default with --mirror: {value})")
     return parser
+
+
+# lr and wd: the follow-up's command-line values; pre_mirror: its config file's; mirror_every
+# 1 (its files say 100 and 200: at most one more mirroring epoch in a 100-epoch run), so
+# that the B_l follow the W_l as they train (README, "The follow-up's rules").
+MIRROR_SETTINGS = (
+    ("mirror_lr", 0.1, "learning rate of the B_l"),
+    ("mirror_wd", 0.5, "weight decay of the B_l"),
+    ("pre_mirror", 2, "first epochs of mirroring only, the forward weights not trained"),
+    ("mirror_every", 1, "later, mirror every batch of each epoch e with (e + 1) %% this == 0"),
+)
 
 
 def check_settings(args):
@@ -76,18 +106,52 @@ def check_settings(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
     is_conv = not args.model.startswith("NetFC")
+    if args.fc_hidden and args.model != "NetFC":
+        raise UsageError(f"--fc_hidden sets the layers of --model NetFC; {args.model} has "
+                         "fixed layers")
     if args.check_cos_norm and (is_conv or args.learn_type != "ERIN"):
         raise UsageError("--check_cos_norm measures the angle between B and the product of "
                          "the fc weights: use it with ERIN and a NetFC model")
     if (args.freeze_conv or args.sqrt_conv) and not is_conv:
         raise UsageError("--freeze_conv and --sqrt_conv act on the conv layer: use a conv "
                          "model (Net1conv1fcXL, Net1conv1fcXL_cif)")
+    check_followup_settings(args, is_conv)
+
+
+def check_followup_settings(args, is_conv):
+    """The follow-up's flags: only where they make sense; mirroring settings filled in."""
+    chosen = [f"--{flag} {value}" for flag, value, default in (
+        ("pepita_mode", args.pepita_mode, "published"), ("feedback", args.feedback, "uniform"),
+        ("normalize", args.normalize, "none")) if value != default]
+    chosen += ["--mirror"] if args.mirror else []
+    if chosen and is_conv:
+        raise UsageError(f"{' '.join(chosen)}: the follow-up's rules act on fully connected "
+                         "models; use --model NetFC or NetFC1x1024DOcust")
+    not_bp = [flag for flag in chosen if not flag.startswith("--normalize")]
+    if not_bp and args.learn_type == "BP":
+        raise UsageError(f"{' '.join(not_bp)}: a PEPITA setting; use it with --learn_type ERIN")
+    given = [name for name, _, _ in MIRROR_SETTINGS if hasattr(args, name)]
+    if given and not args.mirror:
+        raise UsageError(f"--{given[0]} sets weight mirroring: add --mirror, or drop it")
+    if args.mirror and args.feedback != "normal":
+        raise UsageError("--mirror trains one B_l per layer: add --feedback normal")
+    if args.mirror and getattr(args, "mirror_every", 1) == 0:
+        raise UsageError("--mirror_every must be a positive number of epochs")
+    for name, value, _ in MIRROR_SETTINGS:
+        if args.mirror and not hasattr(args, name):
+            setattr(args, name, value)
 
 
 def folder_name(args, code):
+    """The published name, then the follow-up's settings that differ from the defaults."""
     name = (f"res_{args.exp_name}_{code}_{args.model}{args.learn_type}_{args.update_type}_"
             f"{args.batch_size}_{args.w_init}__rep{args.n_runs}_tr{args.train_epochs}")
-    return name + (f"etad{args.decay_scheme}" if args.eta_decay else "")
+    name += f"etad{args.decay_scheme}" if args.eta_decay else ""
+    name += f"_{args.pepita_mode}" if args.pepita_mode != "published" else ""
+    name += "_fbnormal" if args.feedback == "normal" else ""
+    name += "_mirror" if args.mirror else ""
+    name += f"_wd{args.weight_decay:g}" if args.weight_decay else ""
+    return name + (f"_norm{args.normalize}" if args.normalize != "none" else "")
 
 
 def decay_epochs(args, code):
@@ -129,38 +193,52 @@ def accuracy(model, x, y, chunk=250):  # small chunks stay in the CPU's caches
 @torch.no_grad()
 def angle_with_B(model, B):
     """Angle in degrees between flatten(W_1^T ... W_L^T) and flatten(B), and ||W_1||."""
-    product = model.layers[0].weight.T
-    for layer in model.layers[1:]:
-        product = product @ layer.weight.T
-    cosine = F.cosine_similarity(product.flatten(), B.flatten(), dim=0).clamp(-1, 1)
-    return math.degrees(math.acos(float(cosine))), float(model.layers[0].weight.norm())
+    return models.alignment_angle(model, B), float(model.layers[0].weight.norm())
 
 
 # ------------------------------------------------------------------------------------------
 # One epoch
 # ------------------------------------------------------------------------------------------
-def train_epoch(args, model, optimizer, B, data, generators, n_classes, progress, where):
+def train_epoch(args, model, optimizer, feedback, data, generators, n_classes, epoch,
+                progress, where):
     """One pass over the shuffled training set; returns the mean training loss (the
-    cross-entropy of the first pass's output for PEPITA)."""
+    cross-entropy of the first pass's output for PEPITA). With --mirror, the B_l are
+    mirrored after each batch's step in the mirroring epochs; during the first --pre_mirror
+    epochs the forward weights are not trained."""
     x_train, y_train = data
     cpu_gen, device_gen = generators
     order = torch.randperm(len(x_train), generator=cpu_gen).to(x_train.device)
+    train_forward = not (args.mirror and epoch < args.pre_mirror)
+    mirror_now = args.mirror and (not train_forward or (epoch + 1) % args.mirror_every == 0)
     total_loss = 0.0
     for batch, start in enumerate(range(0, len(order), args.batch_size), start=1):
         idx = order[start:start + args.batch_size]
         x, y = x_train[idx], y_train[idx]
         masks = models.draw_masks(model, device_gen, len(idx), args.dropout, x.device)
-        if args.learn_type == "ERIN":
-            target = F.one_hot(y, n_classes).to(x.dtype)
-            output = models.pepita_step(model, optimizer, x, target, B, masks,
-                                        args.batch_size, args.sqrt_conv)
-            loss = F.nll_loss(torch.log(output), y)
-        else:
+        if args.learn_type == "BP":
             logits = model(x, masks, logits=True)[0]
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        else:
+            target = F.one_hot(y, n_classes).to(x.dtype)
+            if not train_forward:
+                with torch.no_grad():
+                    output = model(x, masks)[0]
+            elif args.pepita_mode == "published":
+                output = models.pepita_step(model, optimizer, x, target, feedback.F, masks,
+                                            args.batch_size, args.sqrt_conv)
+            else:
+                output = models.followup_step(
+                    model, optimizer, x, target, feedback.F, masks, args.pepita_mode,
+                    args.batch_size, lambda: models.draw_masks(model, device_gen, len(idx),
+                                                               args.dropout, x.device))
+            if mirror_now:
+                models.mirror_feedback(model, feedback, device_gen, args.batch_size,
+                                       args.dropout, args.mirror_lr, args.mirror_wd,
+                                       models.feedback_sd(x[0].numel(), args.Bstd))
+            loss = F.nll_loss(torch.log(output), y)
         loss = float(loss.detach())
         utils.check_finite(loss, f"{where}, batch {batch}", args.eta)
         total_loss += loss * len(idx)
@@ -210,22 +288,33 @@ def save_start_checkpoint(folder, args, run, history):
                                                 "settings": vars(args), "history": history})
 
 
-def save_checkpoint(folder, args, run, epoch, model, optimizer, B, generators, history):
+def feedback_state(feedback):
+    """B (= F) as published, and the per-layer B_l when there are several (with mirroring
+    they change during training: they are state)."""
+    state = {"B": feedback.F}
+    if feedback.per_layer:
+        state["B_layers"] = feedback.matrices
+    return state
+
+
+def save_checkpoint(folder, args, run, epoch, model, optimizer, feedback, generators,
+                    history):
     """Everything an exact resume in the middle of run `run` needs, after `epoch`."""
     save_torch(Path(folder) / "checkpoint.pt", {
         "run": run, "epoch": epoch, "settings": vars(args), "model": model.state_dict(),
-        "B": B, "optimizer": optimizer.state_dict(),
+        **feedback_state(feedback), "optimizer": optimizer.state_dict(),
         "generators": [g.get_state() for g in generators], "history": history})
 
 
 def restore_checkpoint(folder, state, model, optimizer, generators, device):
-    """Load a run under way in place; returns B and the epoch to start from."""
+    """Load a run under way in place; returns the feedback and the epoch to start from."""
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         for g, g_state in zip(generators, state["generators"]):
             g.set_state(g_state)
-        return state["B"].to(device), state["epoch"] + 1
+        matrices = state.get("B_layers", [state["B"]])
+        return models.Feedback([B.to(device) for B in matrices]), state["epoch"] + 1
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
         raise utils.checkpoint_error(Path(folder) / "checkpoint.pt", err) from None
 
@@ -249,6 +338,21 @@ def write_results(folder, args, history, status="running"):
     done = [run for run in history["test"] if len(run) == len(history["test"][0])]
     utils.plot_curves(folder / "learning_curve.png", {"test accuracy": done},
                       f"{args.model} {args.learn_type}", ylabel="test accuracy (%)")
+    if history["alignment"] and history["alignment"][0]:
+        plot_alignment(folder / "alignment.png", history["alignment"], args)
+
+
+def plot_alignment(path, alignment, args):
+    """Angles (epoch 0 = before training) of F with the forward weights' product, and of
+    each W_l^T with B_l, as the mean over the runs so far."""
+    length = min(map(len, alignment))
+    curves = {"F vs (W_L ... W_1)^T": [[e["angle_F"] for e in run[:length]]
+                                       for run in alignment]}
+    for layer in range(len(alignment[0][0].get("angle_layers", []))):
+        curves[f"W_{layer + 1}^T vs B_{layer + 1}"] = [
+            [e["angle_layers"][layer] for e in run[:length]] for run in alignment]
+    utils.plot_curves(path, curves, f"{args.model} ERIN {args.pepita_mode}: alignment",
+                      ylabel="angle (degrees)", first_epoch=0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -275,7 +379,7 @@ def train(args):
              folder)
 
     history = state["history"] if state else {"seed": seed, "loss": [], "test": [],
-                                              "angles": [], "norms": [],
+                                              "angles": [], "norms": [], "alignment": [],
                                               "epoch_time_s": [], "runs_finished": 0}
     if not state:
         save_start_checkpoint(folder, args, 0, history)
@@ -300,25 +404,32 @@ def train_run(args, folder, run, state, history, run_seq, data, n_classes, code,
     init_seed, cpu_seed, device_seed = run_seq.generate_state(3)
     torch.manual_seed(int(init_seed))
     model = models.build_model(args.model, x_train.shape[1:], n_classes, args.w_init,
-                               np.random.default_rng(int(init_seed))).to(device)
+                               np.random.default_rng(int(init_seed)),
+                               hidden=args.fc_hidden).to(device)
+    if args.normalize != "none":
+        model.normalize = args.normalize
     generators = (torch.Generator().manual_seed(int(cpu_seed)),
                   torch.Generator(device).manual_seed(int(device_seed)))
-    B = models.projection_matrix(generators[1], x_train[0].numel(), n_classes, args.Bstd,
-                                 args.B_mean_zero, device)
+    if args.feedback == "normal":
+        feedback = models.normal_feedback(generators[1], model.sizes, args.Bstd, device)
+    else:
+        feedback = models.Feedback([models.projection_matrix(
+            generators[1], x_train[0].numel(), n_classes, args.Bstd, args.B_mean_zero,
+            device)])
     params = [layer.weight for layer in model.layers
               if not (args.freeze_conv and layer is getattr(model, "conv", None))]
     if args.freeze_conv:
         model.conv.weight.requires_grad_(False)
-    optimizer = models.make_optimizer(args.update_type, args.learn_type, params, args.eta)
+    optimizer = models.make_optimizer(args.update_type, args.learn_type, params, args.eta,
+                                      args.weight_decay, args.pepita_mode)
     first_epoch = 0
     if state and state["run"] == run and state["epoch"] >= 0:  # under way: continue
-        B, first_epoch = restore_checkpoint(folder, state, model, optimizer, generators,
-                                            device)
+        feedback, first_epoch = restore_checkpoint(folder, state, model, optimizer,
+                                                   generators, device)
     else:
-        for key in ("loss", "test", "angles", "norms", "epoch_time_s"):
+        for key in ("loss", "test", "angles", "norms", "alignment", "epoch_time_s"):
             history[key].append([])
-        if args.check_cos_norm:
-            record_angle(history, model, B)
+        record_alignment(args, history, model, feedback)
     for epoch in range(first_epoch, args.train_epochs):
         tic = time.perf_counter()
         if epoch in decay_epochs(args, code):
@@ -328,28 +439,35 @@ def train_run(args, folder, run, state, history, run_seq, data, n_classes, code,
                   optimizer.param_groups[0]["lr"])
         with tqdm(total=len(x_train), desc=f"run {run} epoch {epoch + 1}", leave=False,
                   disable=None) as progress:
-            loss = train_epoch(args, model, optimizer, B, (x_train, y_train), generators,
-                               n_classes, progress, f"run {run} epoch {epoch + 1}")
+            loss = train_epoch(args, model, optimizer, feedback, (x_train, y_train),
+                               generators, n_classes, epoch, progress,
+                               f"run {run} epoch {epoch + 1}")
         test_acc = accuracy(model, x_test, y_test)
         history["loss"][run].append(loss)
         history["test"][run].append(test_acc)
-        if args.check_cos_norm:
-            record_angle(history, model, B)
+        record_alignment(args, history, model, feedback)
         history["epoch_time_s"][run].append(time.perf_counter() - tic)
         log.info("run %d epoch %d: loss %.4f, test accuracy %.2f%% (%.1f s)", run,
                  epoch + 1, loss, test_acc, history["epoch_time_s"][run][-1])
-        save_checkpoint(folder, args, run, epoch, model, optimizer, B, generators, history)
+        save_checkpoint(folder, args, run, epoch, model, optimizer, feedback, generators,
+                        history)
         write_results(folder, args, history)
     history["runs_finished"] = run + 1
-    save_torch(folder / f"weights_run{run}.pt", {"model": model.state_dict(), "B": B})
+    save_torch(folder / f"weights_run{run}.pt", {"model": model.state_dict(),
+                                                 **feedback_state(feedback)})
     write_results(folder, args, history)
     save_start_checkpoint(folder, args, run + 1, history)
 
 
-def record_angle(history, model, B):
-    angle, norm = angle_with_B(model, B)
-    history["angles"][-1].append(angle)
-    history["norms"][-1].append(norm)
+def record_alignment(args, history, model, feedback):
+    """--check_cos_norm's published angles file, and the follow-up's logs of ERIN with a
+    fully connected model (before training and after every epoch)."""
+    if args.check_cos_norm:
+        angle, norm = angle_with_B(model, feedback.F)
+        history["angles"][-1].append(angle)
+        history["norms"][-1].append(norm)
+    if args.learn_type == "ERIN" and isinstance(model, models.FCNet):
+        history["alignment"][-1].append(models.alignment(model, feedback))
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ Each forward returns the activations the update needs, so no hooks are involved.
 updates below are written as gradients g (W -= eta g), i.e. g = -dW / batch_size for the
 published W += eta dW / batch_size.
 """
+import functools
 import math
 
 import numpy as np
@@ -17,11 +18,13 @@ from utils import UsageError, init_weight
 
 
 class FCNet(nn.Module):
-    """Fully connected: ReLU hidden layers with dropout masks, softmax output."""
+    """Fully connected: ReLU hidden layers with dropout masks, softmax output. Each hidden
+    block is linear -> mask -> ReLU [-> normalization (--normalize)]."""
 
     def __init__(self, sizes, w_init="he_uniform", rng=None):
         super().__init__()
         self.sizes = list(sizes)
+        self.normalize = None
         self.layers = nn.ModuleList(nn.Linear(n_in, n_out, bias=False)
                                     for n_in, n_out in zip(sizes[:-1], sizes[1:]))
         rng = rng or np.random.default_rng()
@@ -41,9 +44,21 @@ class FCNet(nn.Module):
             h = F.relu(pre if index == 0 else layer(h))
             if masks is not None:
                 h = h * masks[index]
+            if self.normalize:
+                h = normalized(h, self.normalize)
             hidden.append(h)
         out = self.layers[-1](h)
         return (out if logits else F.softmax(out, dim=1)), (hidden, pre)
+
+    def block(self, index, h, mask=None):
+        """Block `index` alone on the input h: what weight mirroring drives with noise."""
+        a = self.layers[index](h)
+        if index == len(self.layers) - 1:
+            return F.softmax(a, dim=1)
+        h = F.relu(a)
+        if mask is not None:
+            h = h * mask
+        return normalized(h, self.normalize) if self.normalize else h
 
     def mask_sizes(self):
         return self.sizes[1:-1]
@@ -205,14 +220,15 @@ def pepita_step(model, optimizer, x, target, B, masks, batch_size, sqrt_conv=Fal
 
 class PublishedMomentum(torch.optim.Optimizer):
     """The published PEPITA update: V = 0.9 V + lr g; W -= V (torch's SGD keeps lr outside
-    the velocity, which differs after a learning-rate change).
+    the velocity, which differs after a learning-rate change). With weight decay wd,
+    g = D^T X + wd W, as torch's SGD adds it.
 
     It takes g as factors, g = D^T X, and keeps V as scale * buffer: then V = 0.9 V + lr g is
     scale *= 0.9 and one addmm_ adding (lr / scale) D^T X into the buffer, and W -= V one
     add_. Two passes over weight-sized tensors instead of five. (One parameter group.)"""
 
-    def __init__(self, params, lr, momentum=0.9):
-        super().__init__(params, dict(lr=lr, momentum=momentum))
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.velocity_scale = 1.0
 
     @torch.no_grad()
@@ -226,6 +242,8 @@ class PublishedMomentum(torch.optim.Optimizer):
             if "velocity" not in state:
                 state["velocity"] = torch.zeros_like(weight)
             buffer = state["velocity"]
+            if group["weight_decay"]:
+                buffer.add_(weight, alpha=group["lr"] * group["weight_decay"] / s)
             buffer.view(len(buffer), -1).addmm_(delta.T, inputs, alpha=group["lr"] / s)
             weight.add_(buffer, alpha=-s)
         if s < 1e-3:  # keep the buffers' values in a safe range
@@ -247,11 +265,165 @@ class PublishedMomentum(torch.optim.Optimizer):
         self.velocity_scale = 1.0
 
 
-def make_optimizer(kind, rule, params, lr):
-    """SGD, mom or adam; mom is the published PEPITA form for ERIN, torch's SGD for BP."""
+def make_optimizer(kind, rule, params, lr, weight_decay=0.0, mode="published"):
+    """SGD, mom or adam, with L2 weight decay; mom is the published PEPITA form for ERIN's
+    published mode, torch's SGD with momentum for BP (as published) and for the follow-up's
+    modes (as its code)."""
     if kind == "SGD":
-        return torch.optim.SGD(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if kind == "mom":
-        return (PublishedMomentum(params, lr) if rule == "ERIN"
-                else torch.optim.SGD(params, lr=lr, momentum=0.9))
-    return torch.optim.Adam(params, lr=lr)
+        return (PublishedMomentum(params, lr, weight_decay=weight_decay)
+                if rule == "ERIN" and mode == "published"
+                else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay))
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+# ------------------------------------------------------------------------------------------
+# The follow-up's rules (Srinivasan et al., ICLR 2024; ../shared/pepita-reference.md, 7):
+# update modes, per-layer feedback, weight mirroring, activation normalization. FCNet only.
+# ------------------------------------------------------------------------------------------
+PEPITA_MODES = ("published", "modulated", "forward", "mixed", "time_local")
+NORMALIZATIONS = ("batch", "sample")
+
+
+def normalized(h, how):
+    """batch: h / ||h||_F over the whole batch (the follow-up's; one scalar per batch);
+    sample: each row over its own L2 norm (a sample's output then ignores its batch)."""
+    norm = h.norm() if how == "batch" else h.norm(dim=1, keepdim=True)
+    return h / norm.clamp_min(1e-12)  # an all-zero block output stays zero
+
+
+class Feedback:
+    """The projection F (n_in x n_out) of the modulated pass: one matrix ("uniform", the
+    ICML F) or the product B_1 ... B_L of one matrix per layer ("normal", the follow-up's),
+    which weight mirroring trains. `matrices` are the state; F follows them."""
+
+    def __init__(self, matrices):
+        self.matrices = matrices
+        self.refresh()
+
+    def refresh(self):
+        self.F = functools.reduce(torch.matmul, self.matrices)
+
+    @property
+    def per_layer(self):
+        return len(self.matrices) > 1
+
+
+def feedback_sd(n_in, b_std):
+    """The std of the follow-up's F: sqrt(2 / n_in) * Bstd."""
+    return math.sqrt(2 / n_in) * b_std
+
+
+def normal_feedback(generator, sizes, b_std, device="cpu"):
+    """One B_l per layer, (n_{l-1} x n_l), N(0, s_B) with s_B = (sd / sqrt(prod of the
+    hidden sizes)) ** (1 / L), so that std(B_1 ... B_L) is about sd."""
+    depth = len(sizes) - 1
+    s_b = (feedback_sd(sizes[0], b_std) / math.sqrt(math.prod(sizes[1:-1]))) ** (1 / depth)
+    return Feedback([torch.randn(n_in, n_out, generator=generator, device=device) * s_b
+                     for n_in, n_out in zip(sizes[:-1], sizes[1:])])
+
+
+@torch.no_grad()
+def mirror_feedback(model, feedback, generator, batch_size, keep, lr, weight_decay, sd):
+    """One weight-mirroring step of every B_l, then the rescaling that keeps std(F) = sd.
+    Noise xi = 0.1 N(0, 1) (batch x n_{l-1}) minus its mean drives block l alone (with fresh
+    dropout masks), y_l = block_l(xi), and B_l += lr (xi^T y_l / batch) - lr wd B_l."""
+    depth = len(feedback.matrices)
+    for index, B in enumerate(feedback.matrices):
+        xi = 0.1 * torch.randn(batch_size, B.shape[0], generator=generator, device=B.device)
+        xi -= xi.mean()
+        mask = None
+        if index < depth - 1 and keep < 1:
+            mask = (torch.rand(batch_size, B.shape[1], generator=generator,
+                               device=B.device) < keep).float() / keep
+        y = model.block(index, xi, mask)
+        B.mul_(1 - lr * weight_decay).addmm_(xi.T, y, alpha=lr / batch_size)
+    feedback.refresh()
+    scale = (sd / float(feedback.F.std())) ** (1 / depth)
+    for B in feedback.matrices:
+        B.mul_(scale)
+    feedback.refresh()
+
+
+def followup_factors(mode, first, second, target, batch_size):
+    """Each layer's gradient g = D^T X as factors (D, X), for the follow-up's modes (not
+    time_local): hidden l and last layer L, with h_0 = x, primes for the modulated pass:
+    modulated: (h_l - h'_l)^T h'_{l-1}, e^T h'_{L-1} (the FIRST pass's error e);
+    forward:   (h_l - h'_l)^T h_{l-1},  e^T h_{L-1};
+    mixed:     h_l^T h_{l-1} - h'_l^T h'_{l-1},  y^T h_{L-1} - t^T h'_{L-1}."""
+    (y, (hidden, _)), (_, (hidden_mod, _)) = first, second
+    pairs = list(zip(hidden[1:], hidden_mod[1:], hidden[:-1], hidden_mod[:-1]))
+    e = y - target
+    if mode == "modulated":
+        factors = [(h - h_mod, prev_mod) for h, h_mod, _, prev_mod in pairs]
+        factors.append((e, hidden_mod[-1]))
+    elif mode == "forward":
+        factors = [(h - h_mod, prev) for h, h_mod, prev, _ in pairs]
+        factors.append((e, hidden[-1]))
+    else:  # mixed: Hebbian on the clean pass, anti-Hebbian on the modulated one
+        factors = [(torch.cat([h, -h_mod]), torch.cat([prev, prev_mod]))
+                   for h, h_mod, prev, prev_mod in pairs]
+        factors.append((torch.cat([y, -target]), torch.cat([hidden[-1], hidden_mod[-1]])))
+    return [(delta / batch_size, inputs) for delta, inputs in factors]
+
+
+def apply_factors(model, optimizer, factors):
+    """One optimiser step with g = D^T X for every layer."""
+    if isinstance(optimizer, PublishedMomentum):
+        optimizer.step_factors([(layer.weight, pair)
+                                for layer, pair in zip(model.layers, factors)])
+        return
+    for layer, (delta, inputs) in zip(model.layers, factors):
+        layer.weight.grad = (delta.T @ inputs).view_as(layer.weight)
+    optimizer.step()
+
+
+@torch.no_grad()
+def followup_step(model, optimizer, x, target, F_proj, masks, mode, batch_size, new_masks):
+    """One batch of the follow-up's PEPITA modes; x' = x - e F^T (their sign). time_local:
+    a step after the clean pass (h_l^T h_{l-1}, y^T h_{L-1}), then the modulated pass with
+    the updated weights and fresh masks (new_masks()) and a second step (-h'_l^T h'_{l-1},
+    -t^T h'_{L-1}). Returns the first pass's output."""
+    first, W1_F = model.first_pass(x, masks, F_proj)
+    e = first[0] - target
+    x_mod = x - (e @ F_proj.T).view_as(x)
+    if mode == "time_local":
+        y, (hidden, _) = first
+        apply_factors(model, optimizer, [(h / batch_size, prev) for h, prev in
+                                         zip([*hidden[1:], y], hidden)])
+        _, (hidden_mod, _) = model(x_mod, new_masks())
+        apply_factors(model, optimizer, [(-h / batch_size, prev) for h, prev in
+                                         zip([*hidden_mod[1:], target], hidden_mod)])
+        return y
+    second = model.modulated_pass(x_mod, masks, first, -e, W1_F)
+    apply_factors(model, optimizer, followup_factors(mode, first, second, target, batch_size))
+    return first[0]
+
+
+def angle(a, b):
+    """The angle in degrees between two tensors of the same shape, flattened."""
+    cosine = F.cosine_similarity(a.flatten(), b.flatten(), dim=0).clamp(-1, 1)
+    return math.degrees(math.acos(float(cosine)))
+
+
+@torch.no_grad()
+def alignment_angle(model, F_proj):
+    """The angle between F and the forward weights' product (W_L ... W_1)^T."""
+    product = functools.reduce(lambda acc, layer: acc @ layer.weight.T, model.layers[1:],
+                               model.layers[0].weight.T)
+    return angle(product, F_proj)
+
+
+@torch.no_grad()
+def alignment(model, feedback):
+    """The follow-up's per-epoch logs: the angle between F and (W_L ... W_1)^T, per layer
+    between W_l^T and B_l (per-layer feedback), the weights' norms, each B_l's mean, std."""
+    logs = {"angle_F": alignment_angle(model, feedback.F),
+            "weight_norms": [float(layer.weight.norm()) for layer in model.layers],
+            "B_mean": [float(B.mean()) for B in feedback.matrices],
+            "B_std": [float(B.std()) for B in feedback.matrices]}
+    if feedback.per_layer:
+        logs["angle_layers"] = [angle(layer.weight.T, B)
+                                for layer, B in zip(model.layers, feedback.matrices)]
+    return logs

@@ -102,7 +102,8 @@ def entry_parser(script):
 
 def grid_flags(script, grid):
     """[(values dict, flags)] for every combination of --grid key=v1,v2 values; keys are the
-    entry script's long flag names, on/off for flags without a value."""
+    entry script's long flag names, on/off for flags without a value, space-separated
+    lists for flags that take several ("fc_hidden=1024 1024,512")."""
     actions = {a.dest: a for a in entry_parser(script)._actions}
     axes = []
     for item in grid:
@@ -113,12 +114,16 @@ def grid_flags(script, grid):
                              "(without dashes)")
         if action.nargs == 0 and not set(values.split(",")) <= {"on", "off"}:
             raise UsageError(f"--grid {item!r}: --{key} takes no value; use {key}=on,off")
-        axes.append((key, action.nargs == 0, values.split(",")))
+        axes.append((key, action, values.split(",")))
     combos = []
     for values in itertools.product(*(axis[2] for axis in axes)):
         flags = []
-        for (key, switch, _), value in zip(axes, values):
-            flags += ([f"--{key}"] if value == "on" else []) if switch else [f"--{key}", value]
+        for (key, action, _), value in zip(axes, values):
+            if action.nargs == 0:
+                flags += [f"--{key}"] if value == "on" else []
+            else:
+                flags += [f"--{key}", *(value.split() if action.nargs in ("+", "*")
+                                        else [value])]
         combos.append((dict(zip((axis[0] for axis in axes), values)), flags))
     return combos
 
@@ -156,7 +161,7 @@ def build_runs(args, common):
             rule = values.pop("learn_type", None) or "ERIN"
             seed = values.pop("seed")
             variant = "_".join(f"{k}={v}" for k, v in values.items())
-            specs.append(make_spec(args.script, [*flags, *common], rule, seed, variant))
+            specs.append(make_spec(args.script, [*common, *flags], rule, seed, variant))
     if args.epochs:
         for spec in specs:
             spec["flags"] += ["--train_epochs", str(args.epochs)]
@@ -351,12 +356,14 @@ def run_results(run_dir):
         return []
     percent = metrics.get("accuracy_unit") == "percent"
     scale = 1 if percent else 100
+    alignment = metrics.get("alignment") or []
     results = []
     for r, test in enumerate(metrics["test"]):
         train = [] if percent else [a * 100 for a in metrics["train"][r]]
         final = test[-1] if percent else metrics["final_test"][r] * 100
+        angle = alignment[r][-1]["angle_F"] if r < len(alignment) and alignment[r] else None
         results.append(([a * scale for a in test] if test else [], train, final,
-                        metrics["epoch_time_s"][r]))
+                        metrics["epoch_time_s"][r], angle))
     return results
 
 
@@ -378,10 +385,10 @@ def group_runs(manifest, sweep_dir):
         run_dir = sweep_dir / "runs" / spec["name"]
         record = (json.loads((run_dir / "trial.json").read_text())
                   if (run_dir / "trial.json").is_file() else {})
-        for test, train, final, times in run_results(run_dir):
+        for test, train, final, times, angle in run_results(run_dir):
             groups.setdefault(key, []).append({
                 "seed": spec["seed"], "test": test, "train": train, "final": final,
-                "times": times, "machine": record.get("machine", "?"),
+                "times": times, "angle": angle, "machine": record.get("machine", "?"),
                 "code": code_of(spec)})
     return groups
 
@@ -399,6 +406,7 @@ def table_rows(groups, preset):
             mean_curve = np.mean([r["test"][:length] for r in runs], axis=0) / 100
             fit = utils.compute_slowness(mean_curve, fit_epochs=SLOWNESS_FIT_EPOCHS)
         distance = (np.mean(finals) - paper[0]) / paper[1] if paper else None
+        angles = [r["angle"] for r in runs if r["angle"] is not None]
         rows.append({
             "rule": "PEPITA" if rule == "ERIN" else rule, "path": path, "variant": variant,
             "seeds": len(runs), "mean": float(np.mean(finals)), "std": float(np.std(finals)),
@@ -406,14 +414,19 @@ def table_rows(groups, preset):
             "slowness": fit["slowness"] if fit else None,
             "acc_max": fit["acc_max"] * 100 if fit else None, "epochs": length,
             "epoch_s": float(np.median(np.concatenate([r["times"] for r in runs]))),
+            "angle": float(np.mean(angles)) if angles else None,
             "machine": "; ".join(sorted({r["machine"] for r in runs}))})
     return rows
 
 
 def table_markdown(rows):
+    """The table; a column of the final angle between F and the forward weights' product
+    when some runs logged it (PEPITA in the PyTorch path's fully connected nets)."""
+    with_angle = any(row["angle"] is not None for row in rows)
     lines = ["| rule | path | seeds | epochs | test accuracy (%) | paper | distance (paper std) "
-             "| slowness | acc_max (%) | s / epoch | machine |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| slowness | acc_max (%) | s / epoch |" + (" angle F (°) |" if with_angle else "")
+             + " machine |", "|---|---|---|---|---|---|---|---|---|---|---|"
+             + ("---|" if with_angle else "")]
     for row in rows:
         paper = f"{row['paper'][0]:.2f} ± {row['paper'][1]:.2f}" if row["paper"] else "–"
         distance = "–"
@@ -423,9 +436,12 @@ def table_markdown(rows):
         fit = (f"{row['slowness']:.4f} | {row['acc_max']:.2f}" if row["slowness"] is not None
                else "– | –")
         label = row["path"] + (f" {row['variant']}" if row["variant"] else "")
+        angle = ""
+        if with_angle:
+            angle = " – |" if row["angle"] is None else f" {row['angle']:.1f} |"
         lines.append(f"| {row['rule']} | {label} | {row['seeds']} | {row['epochs']} | "
                      f"{row['mean']:.2f} ± {row['std']:.2f} | {paper} | {distance} | {fit} | "
-                     f"{row['epoch_s']:.1f} | {row['machine']} |")
+                     f"{row['epoch_s']:.1f} |{angle} {row['machine']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -732,8 +732,9 @@ def write_table(path, rows):
     write_text(path, "".join(" ".join(f"{v:.6f}" for v in row) + "\n" for row in rows))
 
 
-def plot_curves(path, curves, title, ylabel="accuracy"):
-    """Learning curves {label: (runs x epochs) array}: mean over runs, with the std band."""
+def plot_curves(path, curves, title, ylabel="accuracy", first_epoch=1):
+    """Learning curves {label: (runs x epochs) array}: mean over runs, with the std band;
+    the first column is epoch first_epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -742,7 +743,7 @@ def plot_curves(path, curves, title, ylabel="accuracy"):
         runs = np.atleast_2d(np.asarray(runs, float))
         if runs.size == 0:
             continue
-        epochs = np.arange(1, runs.shape[1] + 1)
+        epochs = np.arange(first_epoch, first_epoch + runs.shape[1])
         mean, std = runs.mean(0), runs.std(0)
         ax.plot(epochs, mean, marker="." if len(epochs) < 30 else None, label=label)
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
