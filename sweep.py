@@ -304,9 +304,10 @@ def run_sweep(specs, sweep_dir, args):
     from ray import tune
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=args.address, num_cpus=None if args.address else os.cpu_count(),
-                 include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING, configure_logging=False)
+        local = {} if args.address else {"num_cpus": os.cpu_count(),
+                                         "include_dashboard": False}
+        ray.init(address=args.address, log_to_driver=False, logging_level=logging.WARNING,
+                 configure_logging=False, **local)
     try:
         space = {"spec": tune.grid_search(specs), "sweep_dir": str(sweep_dir.resolve()),
                  "cpus": args.cpus_per_trial, "gpus": args.gpus_per_trial}
