@@ -10,7 +10,6 @@ The paper's MNIST command (98.01% after 100 epochs; about 6.6 s per epoch on 2 c
 Add --data_dir ../shared/data/mnist to read local files instead of downloading.
 Results go to results/res_<settings>/ (see README.md, "Outputs").
 """
-import argparse
 import json
 import logging
 import sys

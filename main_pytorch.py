@@ -10,9 +10,9 @@ The tutorial's fully connected CIFAR-10 net: --model NetFC1x1024DOcust_cif --dat
 --batch_size 64 --decay_scheme 0. Add --data_dir DIR to read local dataset files.
 """
 import argparse
-import pickle
+import functools
 import logging
-import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -230,10 +230,10 @@ def train_epoch(args, model, optimizer, feedback, data, generators, n_classes, e
                 output = models.pepita_step(model, optimizer, x, target, feedback.F, masks,
                                             args.batch_size, args.sqrt_conv)
             else:
-                output = models.followup_step(
-                    model, optimizer, x, target, feedback.F, masks, args.pepita_mode,
-                    args.batch_size, lambda: models.draw_masks(model, device_gen, len(idx),
-                                                               args.dropout, x.device))
+                new_masks = functools.partial(models.draw_masks, model, device_gen, len(idx),
+                                              args.dropout, x.device)
+                output = models.followup_step(model, optimizer, x, target, feedback.F, masks,
+                                              args.pepita_mode, args.batch_size, new_masks)
             if mirror_now:
                 models.mirror_feedback(model, feedback, device_gen, args.batch_size,
                                        args.dropout, args.mirror_lr, args.mirror_wd,

@@ -13,12 +13,12 @@ import stat
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_images, write_idx
 
 import functions as fn
 import main
 import main_pytorch
 import utils
-from conftest import synthetic_images, write_idx
 
 
 class Killed(BaseException):
@@ -186,7 +186,7 @@ def test_ctrl_c_exits_130_and_resumes(tmp_path, mnist_dir, monkeypatch, capsys, 
     module = fn if entry is main.main else main_pytorch
     with monkeypatch.context() as patch:
         kill_at_call(patch, module, "train_epoch", 2)
-        patch.setattr(module, "train_epoch", _raising(getattr(module, "train_epoch"),
+        patch.setattr(module, "train_epoch", _raising(module.train_epoch,
                                                       KeyboardInterrupt))
         code, line = exit_status(entry, job, mnist_dir, tmp_path, capsys)
     assert code == 130 and "interrupted" in line and "--resume" in line
@@ -436,7 +436,19 @@ def test_pytorch_flags_out_of_range_exit_2(tmp_path, mnist_dir, capsys, flags, w
 
 def test_help_shows_defaults_and_every_flag_has_help():
     for parser in (main.build_parser(), main_pytorch.build_parser()):
-        text = parser.format_help()
-        assert "(default: " in text
+        text = " ".join(parser.format_help().split())
+        assert "(default: " in text and "--n_samples" in text
         undocumented = [a.dest for a in parser._actions if not a.help]
         assert not undocumented, undocumented
+    assert "epochs 60 and 90" in " ".join(main.build_parser().format_help().split())
+    assert "10, 30 and 60" in " ".join(main_pytorch.build_parser().format_help().split())
+
+
+def test_a_failed_download_names_its_cause(tmp_path, monkeypatch, capsys):
+    def offline(code):
+        raise ConnectionError("Temporary failure in name resolution")
+
+    monkeypatch.delenv(utils.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(utils, "_download_keras", offline)
+    code, line = exit_status(main.main, NUMPY_JOB, "", tmp_path / "r", capsys)
+    assert code == 2 and "name resolution" in line and "--data_dir" in line

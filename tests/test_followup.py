@@ -39,8 +39,9 @@ def written_gradients(mode, W, x, t, F_proj, masks):
     x_mod = x - e @ F_proj.T
     hs_mod, y_mod = written_forward(W, x_mod, masks)
     grads = []
-    for l in range(len(W) - 1):
-        h, h_mod, prev, prev_mod = hs[l + 1], hs_mod[l + 1], hs[l], hs_mod[l]
+    for layer in range(len(W) - 1):
+        h, h_mod = hs[layer + 1], hs_mod[layer + 1]
+        prev, prev_mod = hs[layer], hs_mod[layer]
         grads.append({"modulated": (h - h_mod).T @ prev_mod, "forward": (h - h_mod).T @ prev,
                       "mixed": h.T @ prev - h_mod.T @ prev_mod}[mode])
     grads.append({"modulated": e.T @ hs_mod[-1], "forward": e.T @ hs[-1],
@@ -131,11 +132,11 @@ def test_mirroring_equals_the_written_rule_and_keeps_std_of_F():
     gen.set_state(state)  # the same noise and masks, drawn in the same order
     expected = []
     W = [layer.weight.detach() for layer in model.layers]
-    for l, B in enumerate(before):
+    for layer, B in enumerate(before):
         xi = 0.1 * torch.randn(16, B.shape[0], generator=gen)
         xi = xi - xi.mean()
-        a = xi @ W[l].T
-        if l < len(W) - 1:
+        a = xi @ W[layer].T
+        if layer < len(W) - 1:
             mask = (torch.rand(16, B.shape[1], generator=gen) < keep).float() / keep
             y = torch.relu(a) * mask
             y = y / y.norm()

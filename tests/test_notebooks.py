@@ -5,12 +5,12 @@ import re
 import nbformat
 import numpy as np
 import pytest
+from conftest import ROOT
 from nbclient import NotebookClient
 
 import main
 import main_pytorch
 import utils
-from conftest import ROOT
 
 NOTEBOOKS = ROOT / "notebooks"
 TUTORIAL = NOTEBOOKS / "Tutorial_PEPITA_FullyConnectedNets_CIFAR-10.ipynb"

@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, synthetic_images, write_idx
 
 import functions as fn
 import main
 import main_pytorch
-from conftest import ROOT, synthetic_images, write_idx
 
 
 @pytest.fixture(scope="module")

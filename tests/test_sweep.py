@@ -9,10 +9,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, synthetic_images, write_idx
 
 import sweep
 import utils
-from conftest import ROOT, synthetic_images, write_idx
 
 ray = pytest.importorskip("ray")
 
