@@ -381,6 +381,7 @@ def train(args):
     history = state["history"] if state else {"seed": seed, "loss": [], "test": [],
                                               "angles": [], "norms": [], "alignment": [],
                                               "epoch_time_s": [], "runs_finished": 0}
+    history.setdefault("alignment", [[] for _ in history["test"]])  # older checkpoints
     if not state:
         save_start_checkpoint(folder, args, 0, history)
     try:
