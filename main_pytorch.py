@@ -270,7 +270,7 @@ def load_checkpoint(folder):
     if path is None:
         return None
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = load_torch(path)
         needed = CHECKPOINT_KEYS + (UNDER_WAY_KEYS if state.get("epoch", -1) >= 0 else ())
         missing = [k for k in needed if k not in state]
         if missing:
@@ -279,6 +279,14 @@ def load_checkpoint(folder):
             pickle.UnpicklingError) as err:
         raise utils.checkpoint_error(path, err) from None
     return state
+
+
+def load_torch(path):
+    """A file written by save_torch; torch's long message about any other becomes short."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise ValueError("not a file saved by main_pytorch.py") from None
 
 
 def save_start_checkpoint(folder, args, run, history):

@@ -508,10 +508,13 @@ def add_common_arguments(parser, *, exp_name, learn_types, update_types, train_e
     add("--VERBOSE", "-V", action="store_true", help="more output")
 
 
-def describe(err):
-    """An exception as a short phrase: its message, or its type when it has none."""
+def describe(err, limit=120):
+    """An exception as a short phrase: the first line of its message (cut at limit
+    characters), or its type when it has none."""
     text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    if not text:
+        return type(err).__name__
+    return text[0] if len(text[0]) <= limit else text[0][:limit - 1].rstrip(" .,;:") + "…"
 
 
 def run_cli(parser, train, argv=None):
