@@ -533,7 +533,7 @@ def build_parser():
         help="an existing Ray cluster (auto or HOST:PORT); default: an embedded local Ray")
     add("--cpus_per_trial", type=utils.positive_int, default=1,
         help="CPU cores per run (also its BLAS and torch threads)")
-    add("--gpus_per_trial", type=float, default=0,
+    add("--gpus_per_trial", type=utils.non_negative_float, default=0,
         help="GPUs per run; > 0 adds --device cuda to main_pytorch.py runs")
     add("--dry_run", action="store_true", help="print the runs and their commands, run none")
     add("--collect", metavar="DIR", default=None,

@@ -541,7 +541,8 @@ def run_cli(parser, train, argv=None):
                        f"({err.strerror or describe(err)}); fix that, then {resume_hint}\n")
     except MemoryError:
         parser.exit(2, f"{parser.prog}: error: out of memory; use --n_samples, a smaller "
-                       "network or --dtype float32 (numpy), then start again\n")
+                       "network or --dtype float32 (numpy), under another --exp_name or "
+                       "with --overwrite\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted; {resume_hint}\n")
     finally:
