@@ -44,7 +44,7 @@ def build_parser():
     add("--model", "-mod", default="Net1conv1fcXL_cif",
         choices=(*models.MODELS, "NetFC"), help="network (NetFC: fully connected, any depth)")
     add("--fc_hidden", type=utils.positive_int, nargs="+", default=None,
-        help="hidden layer sizes of --model NetFC (default: 1024)")
+        help="hidden layer sizes of --model NetFC; None: one layer of 1024")
     add("--Bstd", "-Bstd", type=utils.positive_float, default=0.05,
         help="scale of the projection B (= F)")
     add("--B_mean_zero", "-Bmz", action=argparse.BooleanOptionalAction, default=True,
