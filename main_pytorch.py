@@ -135,6 +135,10 @@ def check_followup_settings(args, is_conv):
         raise UsageError(f"--{given[0]} sets weight mirroring: add --mirror, or drop it")
     if args.mirror and args.feedback != "normal":
         raise UsageError("--mirror trains one B_l per layer: add --feedback normal")
+    if args.mirror and args.pepita_mode == "published":
+        raise UsageError("--mirror aligns F with the forward weights, as the follow-up's modes "
+                         "(x' = x - e F^T) need; the published mode adds F e and aligns them "
+                         "with -F: add --pepita_mode modulated (or another follow-up mode)")
     if args.mirror and getattr(args, "mirror_every", 1) == 0:
         raise UsageError("--mirror_every must be a positive number of epochs")
     for name, value, _ in MIRROR_SETTINGS:

@@ -230,10 +230,12 @@ def test_alignment_is_logged_per_epoch_and_plotted(tmp_path, mnist_dir):
 @pytest.mark.parametrize("flags,words", [
     (["--mirror", "--feedback", "normal", "--model", "Net1conv1fcXL"], "fully connected"),
     (["--mirror"], "--feedback normal"),
+    (["--mirror", "--feedback", "normal"], "--pepita_mode modulated"),
     (["--feedback", "normal", "--mirror", "--learn_type", "BP"], "--learn_type ERIN"),
     (["--pepita_mode", "mixed", "--learn_type", "BP"], "--learn_type ERIN"),
     (["--mirror_lr", "0.1"], "add --mirror"),
-    (["--mirror", "--feedback", "normal", "--mirror_every", "0"], "positive"),
+    (["--mirror", "--feedback", "normal", "--pepita_mode", "mixed", "--mirror_every", "0"],
+     "positive"),
     (["--fc_hidden", "10", "--model", "NetFC1x1024DOcust"], "fixed layers"),
     (["--normalize", "batch", "--model", "Net1conv1fcXL"], "fully connected"),
 ])
