@@ -18,6 +18,7 @@ table.md, curves.csv, test_curves.png and README.md of a sweep folder (see READM
 """
 import argparse
 import ctypes
+import fcntl
 import itertools
 import json
 import logging
@@ -595,18 +596,24 @@ def sweep(args, common, own):
 
 
 def write_manifest(sweep_dir, specs, args, own, common):
-    """sweep.json: every run spec this folder has seen and the commands that made them."""
+    """sweep.json: every run spec this folder has seen and the commands that made them.
+    Locked while read and rewritten: two sweeps started into one folder both stay in it."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    path = sweep_dir / "sweep.json"
+    with open(sweep_dir / ".sweep.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        add_to_manifest(sweep_dir / "sweep.json", specs, args, own, common)
+
+
+def add_to_manifest(path, specs, args, own, common):
     manifest = json.loads(path.read_text()) if path.is_file() else {"runs": [], "commands": []}
     known = {spec["name"]: spec for spec in manifest["runs"]}
     for spec in specs:
         if spec["name"] in known and known[spec["name"]]["flags"] != spec["flags"]:
-            raise UsageError(f"{sweep_dir} already holds run {spec['name']} with other flags; "
-                             "use another --sweep_dir")
+            raise UsageError(f"{path.parent} already holds run {spec['name']} with other "
+                             "flags; use another --sweep_dir")
         known[spec["name"]] = spec
     command = " ".join(["sweep.py", *own] + (["--", *common] if common else []))
-    manifest.update(runs=list(known.values()), paper=args.paper,
+    manifest.update(runs=list(known.values()), paper=manifest.get("paper") or args.paper,
                     commands=list(dict.fromkeys([*manifest["commands"], command])))
     utils.write_json(path, manifest)
 
