@@ -303,7 +303,9 @@ class Feedback:
         self.refresh()
 
     def refresh(self):
-        self.F = functools.reduce(torch.matmul, self.matrices)
+        """F = B_1 (B_2 (... B_L)): from the right, every product has only n_out columns
+        (from the left, 1024 x 1024 layers would cost about 1000 times more)."""
+        self.F = functools.reduce(lambda right, B: B @ right, reversed(self.matrices))
 
     @property
     def per_layer(self):
