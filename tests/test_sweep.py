@@ -94,6 +94,13 @@ def test_dry_run_lists_the_paper_runs(capsys):
     assert "--sample_passes 1" in lines[3] and "main_pytorch.py" in lines[-1]
 
 
+def test_the_rule_of_a_grid_comes_from_the_common_flags(capsys):
+    assert sweep.main(["--grid", "eta=0.1,0.01", "--dry_run", "--", "--learn_type", "DRTP",
+                       "--sample_passes", "1"]) == 0
+    names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["numpy_DRTP_eta=0.1_seed0", "numpy_DRTP_eta=0.01_seed0"]
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--grid", "no_such_flag=1,2"], "NAME=V1,V2"),
     (["--grid", "validation=yes"], "on,off"),
