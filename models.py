@@ -41,24 +41,25 @@ class FCNet(nn.Module):
         hidden = [h]
         pre = first_pre if first_pre is not None else self.layers[0](h)
         for index, layer in enumerate(self.layers[:-1]):
-            h = F.relu(pre if index == 0 else layer(h))
-            if masks is not None:
-                h = h * masks[index]
-            if self.normalize:
-                h = normalized(h, self.normalize)
+            h = self.hidden_output(pre if index == 0 else layer(h),
+                                   None if masks is None else masks[index])
             hidden.append(h)
         out = self.layers[-1](h)
         return (out if logits else F.softmax(out, dim=1)), (hidden, pre)
+
+    def hidden_output(self, a, mask):
+        """A hidden block's output from its pre-activation: ReLU, mask, normalization."""
+        h = F.relu(a)
+        if mask is not None:
+            h = h * mask
+        return normalized(h, self.normalize) if self.normalize else h
 
     def block(self, index, h, mask=None):
         """Block `index` alone on the input h: what weight mirroring drives with noise."""
         a = self.layers[index](h)
         if index == len(self.layers) - 1:
             return F.softmax(a, dim=1)
-        h = F.relu(a)
-        if mask is not None:
-            h = h * mask
-        return normalized(h, self.normalize) if self.normalize else h
+        return self.hidden_output(a, mask)
 
     def mask_sizes(self):
         return self.sizes[1:-1]
@@ -207,14 +208,7 @@ def pepita_step(model, optimizer, x, target, B, masks, batch_size, sqrt_conv=Fal
     second = model.modulated_pass(x_mod, masks, first, e, W1_B)
     e_mod = second[0] - target
     factors = model.pepita_factors(first, second, e, e_mod, batch_size, sqrt_conv=sqrt_conv)
-    trained = [(layer.weight, pair) for layer, pair in zip(model.layers, factors)
-               if layer.weight.requires_grad]  # not a frozen conv
-    if isinstance(optimizer, PublishedMomentum):
-        optimizer.step_factors(trained)
-    else:
-        for weight, (delta, inputs) in trained:
-            weight.grad = (delta.T @ inputs).view_as(weight)
-        optimizer.step()
+    apply_factors(model, optimizer, factors)
     return first[0]
 
 
@@ -371,13 +365,14 @@ def followup_factors(mode, first, second, target, batch_size):
 
 
 def apply_factors(model, optimizer, factors):
-    """One optimiser step with g = D^T X for every layer."""
+    """One optimiser step with g = D^T X for every trained layer (not a frozen conv)."""
+    trained = [(layer.weight, pair) for layer, pair in zip(model.layers, factors)
+               if layer.weight.requires_grad]
     if isinstance(optimizer, PublishedMomentum):
-        optimizer.step_factors([(layer.weight, pair)
-                                for layer, pair in zip(model.layers, factors)])
+        optimizer.step_factors(trained)
         return
-    for layer, (delta, inputs) in zip(model.layers, factors):
-        layer.weight.grad = (delta.T @ inputs).view_as(layer.weight)
+    for weight, (delta, inputs) in trained:
+        weight.grad = (delta.T @ inputs).view_as(weight)
     optimizer.step()
 
 
