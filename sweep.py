@@ -191,6 +191,12 @@ def read_metrics(run_dir):
         return None
 
 
+def read_record(run_dir):
+    """A trial's trial.json (command, machine, exit status, error line), or {}."""
+    path = Path(run_dir) / "trial.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def progress(metrics):
     """(epochs done, latest test accuracy in %) of the run's current curve."""
     if not metrics or not metrics.get("test"):
@@ -336,9 +342,7 @@ def summarize(specs, sweep_dir):
         run_dir = sweep_dir / "runs" / spec["name"]
         metrics = read_metrics(run_dir)
         epochs, acc = progress(metrics)
-        record = {}
-        if (run_dir / "trial.json").is_file():
-            record = json.loads((run_dir / "trial.json").read_text())
+        record = read_record(run_dir)
         finished = bool(metrics) and metrics.get("status") == "finished"
         failed += not finished
         log.info("%-40s %-8s %3d epochs  test %s  %s", spec["name"],
@@ -386,8 +390,7 @@ def group_runs(manifest, sweep_dir):
     for spec in manifest["runs"]:
         key = (spec["path"], spec["rule"], spec["variant"])
         run_dir = sweep_dir / "runs" / spec["name"]
-        record = (json.loads((run_dir / "trial.json").read_text())
-                  if (run_dir / "trial.json").is_file() else {})
+        record = read_record(run_dir)
         for test, train, final, times, angle in run_results(run_dir):
             groups.setdefault(key, []).append({
                 "seed": spec["seed"], "test": test, "train": train, "final": final,
