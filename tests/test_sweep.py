@@ -86,12 +86,26 @@ def test_dry_run_lists_the_paper_runs(capsys):
                        "--dry_run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [line.split(":")[0] for line in lines]
-    assert names == ["numpy_ERIN_seed0", "numpy_ERIN_seed1", "numpy_ERIN_seed2",
-                     "numpy_BP_seed0", "numpy_FA_seed0", "numpy_DRTP_seed0",
-                     "numpy_ERINsign_seed0", "numpy_DFA_seed0", "Net1conv1fcXL_ERIN_seed0",
-                     "Net1conv1fcXL_BP_seed0"]
-    assert "--eta 0.1" in lines[0] and "--sample_passes 2" in lines[0]
-    assert "--sample_passes 1" in lines[3] and "main_pytorch.py" in lines[-1]
+    assert names == ["Net1conv1fcXL_ERIN_seed0", "Net1conv1fcXL_ERIN_seed1",
+                     "Net1conv1fcXL_ERIN_seed2", "numpy_ERIN_seed0", "numpy_ERIN_seed1",
+                     "numpy_ERIN_seed2", "Net1conv1fcXL_BP_seed0", "numpy_BP_seed0",
+                     "numpy_FA_seed0", "numpy_DRTP_seed0", "numpy_ERINsign_seed0",
+                     "numpy_DFA_seed0"]
+    assert "--decay_scheme 0" in lines[0] and "main_pytorch.py" in lines[0]
+    assert "--eta 0.1" in lines[3] and "--sample_passes 2" in lines[3]
+    assert "--sample_passes 1" in lines[7] and "main.py" in lines[-1]
+
+
+def test_the_cifar10_preset_runs_the_tutorial_net_and_the_conv_net_over_the_seeds(capsys):
+    assert sweep.main(["--paper", "cifar10", "--seeds", "3", "--other_seeds", "1",
+                       "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split(":")[0] for line in lines]
+    assert names[:7] == [*(f"NetFC1x1024DOcust_cif_ERIN_seed{s}" for s in range(3)),
+                         *(f"Net1conv1fcXL_cif_ERIN_seed{s}" for s in range(3)),
+                         "numpy_ERIN_seed0"]
+    assert "--eta 0.01" in lines[6].split("--eta 0.1")[-1]  # the tutorial's eta wins
+    assert all("--dataset cif " in line + " " for line in lines)
 
 
 def test_the_rule_of_a_grid_comes_from_the_common_flags(capsys):
