@@ -19,6 +19,7 @@ table.md, curves.csv, test_curves.png and README.md of a sweep folder (see READM
 import argparse
 import ctypes
 import fcntl
+import hashlib
 import itertools
 import json
 import logging
@@ -41,6 +42,8 @@ ROOT = Path(__file__).resolve().parent
 SCRIPTS = ("main.py", "main_pytorch.py")
 POLL_S = 2.0
 SLOWNESS_FIT_EPOCHS = 60
+ZOOM_POINTS = 3.0
+PAPER_RESULTS = ROOT / "results" / "paper"  # tracked: written by paper-settings sweeps only
 
 # ------------------------------------------------------------------------------------------
 # Presets: the README's paper commands
@@ -62,14 +65,30 @@ NUMPY_RULES = ("ERIN", "BP", "FA", "DRTP", "ERINsign", "DFA")  # the paper's rul
 PRESET_DATASETS = {"mnist": "mn", "cifar10": "cif", "cifar100": "cif100"}
 
 # The paper's Table 1 (../shared/pepita-reference.md, section 5): mean, std of the final
-# test accuracy (%) of the 1024-unit fully connected net.
+# test accuracy (%), per dataset, kind of net and rule.
 PAPER_TABLE = {
-    "mn": {"ERIN": (98.01, 0.09), "BP": (98.63, 0.03), "FA": (98.42, 0.07),
-           "DRTP": (95.10, 0.10)},
-    "cif": {"ERIN": (52.57, 0.36), "BP": (55.27, 0.52), "FA": (53.82, 0.24),
-            "DRTP": (45.89, 0.16)},
+    "mn": {"FC": {"BP": (98.63, 0.03), "FA": (98.42, 0.07), "DRTP": (95.10, 0.10),
+                  "ERIN": (98.01, 0.09)},
+           "conv": {"BP": (98.86, 0.04), "ERIN": (98.29, 0.13)}},
+    "cif": {"FC": {"BP": (55.27, 0.52), "FA": (53.82, 0.24), "DRTP": (45.89, 0.16),
+                   "ERIN": (52.57, 0.36)},
+            "conv": {"BP": (64.99, 0.32), "ERIN": (56.33, 1.35)}},
+    "cif100": {"FC": {"BP": (27.58, 0.09), "ERIN": (24.91, 0.22)},
+               "conv": {"BP": (34.20, 0.20), "ERIN": (27.56, 0.60)}},
 }
-PAPER_PATHS = {"numpy", "NetFC1x1024DOcust_cif"}  # the paper's fully connected net
+PAPER_RULES = ("BP", "FA", "DRTP", "ERIN")  # the table's rows, in its order
+
+
+def net_kind(path):
+    """The paper's kind of net ("FC" or "conv") of a path label, or None for other nets."""
+    if path == "numpy" or path.startswith("NetFC1x1024DOcust"):
+        return "FC"
+    return "conv" if path.startswith("Net1conv1fcXL") else None
+
+
+def paper_value(code, path, rule):
+    """(mean, std) of the paper's cell for this dataset, net and rule, or None."""
+    return PAPER_TABLE.get(code, {}).get(net_kind(path), {}).get(rule)
 
 
 def paper_runs(preset, seeds, other_seeds):
@@ -410,14 +429,13 @@ def group_runs(manifest, sweep_dir):
     return groups
 
 
-def table_rows(groups, preset):
-    """One row per (path, rule, variant); the paper's value only for a --paper sweep."""
+def table_rows(groups):
+    """One row per (path, rule, variant), with the paper's value where it has one."""
     rows = []
     for (path, rule, variant), runs in groups.items():
         finals = np.array([r["final"] for r in runs])
         length = min(len(r["test"]) for r in runs)
-        paper = (PAPER_TABLE.get(runs[0]["code"], {}).get(rule)
-                 if preset and path in PAPER_PATHS and not variant else None)
+        paper = paper_value(runs[0]["code"], path, rule)
         fit = None
         if length >= 2:
             mean_curve = np.mean([r["test"][:length] for r in runs], axis=0) / 100
@@ -446,10 +464,7 @@ def table_markdown(rows):
              + ("---|" if with_angle else "")]
     for row in rows:
         paper = f"{row['paper'][0]:.2f} ± {row['paper'][1]:.2f}" if row["paper"] else "–"
-        distance = "–"
-        if row["distance"] is not None:
-            distance = f"{row['distance']:+.1f}" + (" **(> 2)**" if abs(row["distance"]) > 2
-                                                    else "")
+        distance = "–" if row["distance"] is None else format_distance(row["distance"])
         fit = (f"{row['slowness']:.4f} | {row['acc_max']:.2f}" if row["slowness"] is not None
                else "– | –")
         label = row["path"] + (f" {row['variant']}" if row["variant"] else "")
@@ -457,9 +472,20 @@ def table_markdown(rows):
         if with_angle:
             angle = " – |" if row["angle"] is None else f" {row['angle']:.1f} |"
         lines.append(f"| {row['rule']} | {label} | {row['seeds']} | {row['epochs']} | "
-                     f"{row['mean']:.2f} ± {row['std']:.2f} | {paper} | {distance} | {fit} | "
+                     f"{format_accuracy(row['mean'], row['std'], row['seeds'])} | {paper} | "
+                     f"{distance} | {fit} | "
                      f"{row['epoch_s']:.1f} |{angle} {row['machine']} |")
     return "\n".join(lines) + "\n"
+
+
+def format_accuracy(mean, std, n):
+    """'98.06 ± 0.04' over several seeds; one seed has no spread: '90.50 (n = 1)'."""
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f} (n = 1)"
+
+
+def format_distance(distance):
+    """The distance to the paper in its std, marked beyond 2."""
+    return f"{distance:+.1f}" + (" **(> 2)**" if abs(distance) > 2 else "")
 
 
 def write_curves_csv(path, groups):
@@ -474,23 +500,34 @@ def write_curves_csv(path, groups):
     utils.write_text(path, "\n".join(lines) + "\n")
 
 
-def collect(sweep_dir, out_root):
-    """Write the table, curves, figure and README of the sweep in sweep_dir; returns the
-    table rows. Only finished runs count."""
-    sweep_dir = Path(sweep_dir)
-    manifest_path = sweep_dir / "sweep.json"
-    if not manifest_path.is_file():
+def read_manifest(sweep_dir):
+    path = Path(sweep_dir) / "sweep.json"
+    if not path.is_file():
         raise UsageError(f"{sweep_dir} holds no sweep.json: give a folder written by "
                          "sweep.py (its --sweep_dir)")
-    manifest = json.loads(manifest_path.read_text())
+    return json.loads(path.read_text())
+
+
+def collect(sweep_dir, out_root=None):
+    """Write the table, curves, figure and README of the sweep in sweep_dir into
+    out_root/<dataset>/ (default: results/paper for a sweep with the paper's settings, else
+    the sweep folder); returns (rows, folder). Only finished runs count."""
+    sweep_dir = Path(sweep_dir)
+    manifest = read_manifest(sweep_dir)
+    differences = differences_from_paper(manifest)
+    out_root = Path(out_root or (PAPER_RESULTS if manifest.get("paper") and not differences
+                                 else sweep_dir))
+    refuse_paper_results(out_root, manifest.get("paper"), differences)
     groups = group_runs(manifest, sweep_dir)
     if not groups:
         raise UsageError(f"{sweep_dir}: no run has finished yet; run the sweep first")
     codes = sorted({run["code"] for runs in groups.values() for run in runs})
-    out = Path(out_root) / "_".join(DATASET_NAMES.get(c, c) for c in codes)
+    out = out_root / "_".join(DATASET_NAMES.get(c, c) for c in codes)
     out.mkdir(parents=True, exist_ok=True)
-    rows = table_rows(groups, manifest.get("paper"))
-    utils.write_text(out / "table.md", table_markdown(rows))
+    rows = table_rows(groups)
+    notes = collection_notes(manifest, differences)
+    utils.write_text(out / "table.md", "".join(f"{n}\n\n" for n in notes)
+                     + table_markdown(rows))
     write_curves_csv(out / "curves.csv", groups)
     curves = {}
     for (path, rule, variant), runs in groups.items():
@@ -499,22 +536,187 @@ def collect(sweep_dir, out_root):
             label = " ".join(filter(None, ["PEPITA" if rule == "ERIN" else rule, path,
                                            variant]))
             curves[label] = [r["test"][:length] for r in runs]
-    utils.plot_curves(out / "test_curves.png", curves, "test accuracy, mean ± std over seeds",
-                      ylabel="test accuracy (%)")
-    commands = "\n".join(f"python {c}" for c in manifest["commands"])
+    plot_comparison(out / "test_curves.png", curves,
+                    f"{', '.join(DATASET_NAMES.get(c, c) for c in codes)}: test accuracy, "
+                    "mean ± std over seeds")
+    commands = "\n".join(f"python {display_command(c)}" for c in manifest["commands"])
     utils.write_text(out / "README.md", (
         f"# {', '.join(DATASET_NAMES.get(c, c) for c in codes)}: collected by sweep.py\n\n"
-        f"Produced by (in the repository root):\n\n```bash\n{commands}\n"
-        f"python sweep.py --collect {sweep_dir}\n```\n\n"
+        + "".join(f"{n}\n\n" for n in notes)
+        + f"Produced by (in the repository root):\n\n```bash\n{commands}\n"
+        f"python sweep.py --collect {display_path(str(sweep_dir.resolve()))}\n```\n\n"
         "- `table.md`: per rule and path, the final test accuracy (mean ± std over seeds, "
-        "numpy's np.std), the paper's value and the distance in units of the paper's std "
-        "(marked beyond 2), the slowness and acc_max of the mean test curve (first "
-        f"{SLOWNESS_FIT_EPOCHS} epochs), the median time per epoch and the machine.\n"
+        "numpy's np.std; one seed: n = 1), the paper's value and the distance in units of "
+        "the paper's std (marked beyond 2), the slowness and acc_max of the mean test curve "
+        f"(first {SLOWNESS_FIT_EPOCHS} epochs), the median time per epoch and the machine.\n"
         "- `curves.csv`: every run's per-epoch accuracies (%).\n"
-        "- `test_curves.png`: mean test curve per rule, with a band of ± one std.\n"))
-    return rows
+        "- `test_curves.png`: mean test curve per rule, with a band of ± one std; the right "
+        "panel zooms on the rules near the best.\n"))
+    return rows, out
 
 
+def collection_notes(manifest, differences):
+    """Lines that a table must carry: how its settings differ from the paper's, and which
+    copy of CIFAR-10 it ran on."""
+    notes = []
+    if manifest.get("paper") and differences:
+        notes.append("**Not the paper's settings**: " + "; ".join(differences) + ".")
+    data = {flag_value(spec["flags"], ("--data_dir",), None) for spec in manifest["runs"]
+            if code_of(spec) == "cif"}
+    if any(is_jpeg_cifar10(d) for d in data if d):
+        notes.append("CIFAR-10 ran on the JPEG copy of `../shared/data/cifar10` (lossy: "
+                     "results are close to, not identical with, the original CIFAR-10's).")
+    return notes
+
+
+def is_jpeg_cifar10(data_dir):
+    """Whether data_dir/cifar10.npz is the file that make_npz.py decodes from the JPEGs."""
+    expected = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10.npz.sha256"
+    path = Path(data_dir) / "cifar10.npz"
+    if not (expected.is_file() and path.is_file()):
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() == expected.read_text().split()[0]
+
+
+def plot_comparison(path, curves, title):
+    """Mean ± std test curves {label: runs x epochs}: every rule on the left, and on the
+    right a zoom on the rules whose final accuracy is within ZOOM_POINTS of the best; the
+    legend beside the panels, integer epochs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    means = {label: np.asarray(runs, float).mean(0) for label, runs in curves.items()}
+    best = max(mean[-1] for mean in means.values())
+    top = [label for label, mean in means.items() if mean[-1] >= best - ZOOM_POINTS]
+    colors = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for (label, runs), color in zip(curves.items(), itertools.cycle(colors)):
+        runs = np.asarray(runs, float)
+        epochs = np.arange(1, runs.shape[1] + 1)
+        mean, std = runs.mean(0), runs.std(0)
+        for ax in axes if label in top else axes[:1]:
+            ax.plot(epochs, mean, color=color, marker="." if len(epochs) < 30 else None,
+                    label=label if ax is axes[0] else None)
+            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2)
+    low = min(means[label][-1] for label in top) - 1.0
+    high = max(means[label].max() for label in top) + 0.3
+    axes[1].set_ylim(low, high)
+    axes[0].set_title(title)
+    axes[1].set_title(f"zoom: the rules within {ZOOM_POINTS:g} points of the best")
+    for ax in axes:
+        ax.set(xlabel="epoch", ylabel="test accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    fig.tight_layout()
+    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100,
+                                                     bbox_inches="tight"))
+    plt.close(fig)
+
+
+def display_path(text):
+    """A path as a reader can use it: ~/... under the home folder, relative to the
+    repository root beside it, else as given."""
+    home = str(Path.home())
+    if text.startswith(home + os.sep):
+        return "~" + text[len(home):]
+    if text.startswith(str(ROOT.parent) + os.sep):
+        return os.path.relpath(text, ROOT)
+    return text
+
+
+def display_command(command):
+    return " ".join(display_path(word) for word in command.split())
+
+
+# ------------------------------------------------------------------------------------------
+# The paper's Table 1 from the committed per-dataset results (results/paper/README.md)
+# ------------------------------------------------------------------------------------------
+TABLE_COLUMNS = [(kind, code) for kind in ("FC", "conv") for code in ("mn", "cif", "cif100")]
+NOT_RUN = {"cif100": "not run (no copy here)"}
+
+
+def final_accuracies(folder):
+    """{(dataset code, rule, path, variant): {seed: final test %}} from every curves.csv
+    under folder/<dataset>/ (the last epoch of each run's curve)."""
+    codes = {name: code for code, name in DATASET_NAMES.items()}
+    finals = {}
+    for csv_path in sorted(Path(folder).glob("*/**/curves.csv")):
+        code = codes.get(csv_path.relative_to(folder).parts[0])
+        if code is None:
+            continue
+        for line in csv_path.read_text().splitlines()[1:]:
+            rule, path, variant, seed, _, _, test = line.split(",")
+            finals.setdefault((code, rule, path, variant), {})[seed] = float(test)
+    return finals
+
+
+def table_cell(entries, paper, not_run):
+    """A cell of the combined table: each measured setting, then the paper's value."""
+    lines = []
+    for (path, variant), values in entries:
+        n = len(values)
+        label = ", ".join(filter(None, [path if len(entries) > 1 else "", variant]))
+        text = f"**{format_accuracy(np.mean(values), np.std(values), n)}**"
+        text += f" (n = {n})" if n > 1 else ""
+        text += f" {label}" if label else ""
+        if paper:
+            text += f", {format_distance((np.mean(values) - paper[0]) / paper[1])} std"
+        lines.append(text)
+    if not lines:
+        lines.append(not_run if paper else "–")
+    if paper:
+        lines.append(f"paper {paper[0]:.2f} ± {paper[1]:.2f}")
+    return "<br>".join(lines)
+
+
+def combined_table(folder=PAPER_RESULTS):
+    """results/paper/README.md: the paper's Table 1 layout, each cell ours (mean ± std over
+    n seeds, and the distance in the paper's std), then the paper's value."""
+    finals = final_accuracies(folder)
+    rules = [*PAPER_RULES, *sorted({key[1] for key in finals} - set(PAPER_RULES))]
+    header = ["rule", *(f"{kind} {DATASET_TITLES[code]}" for kind, code in TABLE_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rule in rules:
+        cells = []
+        for kind, code in TABLE_COLUMNS:
+            entries = [((path, variant), list(values.values()))
+                       for (c, r, path, variant), values in finals.items()
+                       if c == code and r == rule and net_kind(path) == kind]
+            cells.append(table_cell(entries, PAPER_TABLE[code][kind].get(rule),
+                                    NOT_RUN.get(code, "not run yet")))
+        lines.append(f"| {'PEPITA' if rule == 'ERIN' else rule} | " + " | ".join(cells) + " |")
+    folders = sorted({p.parent.relative_to(folder).as_posix()
+                      for p in Path(folder).glob("*/**/curves.csv")})
+    text = (
+        "# The paper's Table 1, measured here\n\n"
+        "Test accuracy (%) after the runs' last epoch (100 for the paper's settings), mean ± "
+        "std over n seeds (numpy's np.std; one seed: n = 1), the distance to the paper in "
+        "units of the paper's std (marked beyond 2), and the paper's value "
+        "(`../shared/pepita-reference.md`, section 5). FC: one hidden layer of 1024 ReLU "
+        "units (the numpy path; on CIFAR PEPITA also the tutorial's net "
+        "`NetFC1x1024DOcust_cif`, which the paper's number comes from); conv: "
+        "`Net1conv1fcXL` (MNIST), `Net1conv1fcXL_cif` (CIFAR). A label names the net when a "
+        "cell holds several, and the settings that differ from the preset's.\n\n"
+        + "\n".join(lines) + "\n\n"
+        "CIFAR-100 is not run: no copy of it is reachable on our machines (the preset is "
+        "tested on synthetic files, `tests/test_sweep.py`). "
+        "CIFAR-10 ran on the JPEG copy of `../shared/data/cifar10` (lossy: results are close "
+        "to, not identical with, the original CIFAR-10's). Each dataset's folder has its "
+        "table (with the machine and time per epoch of every row), curves, figure and the "
+        "commands: " + ", ".join(f"`{f}/`" for f in folders) + ".\n\n"
+        "Regenerate this file from those folders (in the repository root):\n\n"
+        "```bash\npython sweep.py --combine\n```\n")
+    utils.write_text(Path(folder) / "README.md", text)
+    return lines
+
+
+DATASET_TITLES = {"mn": "MNIST", "cif": "CIFAR-10", "cif100": "CIFAR-100"}
 DATASET_NAMES = {"mn": "mnist", "fmn": "fashion_mnist", "emn": "emnist", "cif": "cifar10",
                  "cif100": "cifar100"}
 
@@ -555,6 +757,9 @@ def build_parser():
     add("--dry_run", action="store_true", help="print the runs and their commands, run none")
     add("--collect", metavar="DIR", default=None,
         help="only collect the table of the sweep folder DIR")
+    add("--combine", action="store_true",
+        help="only write results/paper/README.md, the paper's table, from the committed "
+             "per-dataset results")
     return parser
 
 
@@ -572,11 +777,13 @@ def main(argv=None):
 
 
 def sweep(args, common, own):
+    if args.combine:
+        lines = combined_table()
+        log.info("wrote %s (%d rules)", display_path(str(PAPER_RESULTS / "README.md")),
+                 len(lines) - 2)
+        return 0
     if args.collect:
-        manifest = Path(args.collect) / "sweep.json"
-        preset = json.loads(manifest.read_text()).get("paper") if manifest.is_file() else None
-        out = args.out or ("results/paper" if preset else args.collect)
-        rows = collect(args.collect, out)
+        rows, out = collect(args.collect, args.out)
         log.info("collected %d rows into %s", len(rows), out)
         return 0
     if args.paper and args.grid:
@@ -594,6 +801,9 @@ def sweep(args, common, own):
             spec["flags"] += ["--device", "cuda"]
     sweep_dir = Path(args.sweep_dir or "results/sweeps/" + (f"paper_{args.paper}" if args.paper
                                                            else "grid"))
+    differences = differences_from_paper({"paper": args.paper, "runs": specs})
+    if args.out:
+        refuse_paper_results(Path(args.out), args.paper, differences)
     if args.dry_run:
         for spec in specs:
             print(f"{spec['name']}: python {spec['script']} {' '.join(spec['flags'])}")
@@ -605,10 +815,58 @@ def sweep(args, common, own):
     log.info("sweep took %.1f min; %d of %d runs finished", (time.time() - tic) / 60,
              len(specs) - failed, len(specs))
     if failed < len(specs):
-        out = args.out or ("results/paper" if args.paper else sweep_dir)
-        collect(sweep_dir, out)
+        _, out = collect(sweep_dir, args.out)
+        if args.paper and differences and not args.out:
+            log.info("not the paper's settings (%s): collected into the sweep's folder, not "
+                     "into %s", "; ".join(differences), display_path(str(PAPER_RESULTS)))
         log.info("table, curves and figure in %s", out)
     return 1 if failed else 0
+
+
+def differences_from_paper(manifest):
+    """How the runs of a --paper sweep differ from the preset's flags ([] when they are the
+    paper's: 100 epochs, the full data, nothing added); --data_dir and --device aside."""
+    if not manifest.get("paper"):
+        return []
+    seeds = 1 + max(spec["seed"] for spec in manifest["runs"])
+    expected = {}
+    for script, rule, seed, flags in paper_runs(manifest["paper"], seeds, seeds):
+        expected[make_spec(script, flags, rule, seed)["name"]] = [*flags, "--seed", str(seed)]
+    found = set()
+    for spec in manifest["runs"]:
+        flags = without_flags(spec["flags"], ("--data_dir", "--device"))
+        want = expected.get(spec["name"])
+        if want is None:
+            found.add(f"{spec['name']} is not a run of the preset")
+        elif flags[:len(want)] != want:
+            found.add(f"{spec['name']} has other flags than the preset's")
+        elif flags[len(want):]:
+            found.add(" ".join(flags[len(want):]))
+    return sorted(found)
+
+
+def without_flags(flags, names):
+    """flags without the given flags and their values."""
+    kept, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag in names:
+            skip = True
+        else:
+            kept.append(flag)
+    return kept
+
+
+def refuse_paper_results(out_root, preset, differences):
+    """results/paper is the repository's measured table: only sweeps with the paper's
+    settings may write there."""
+    out_root = Path(out_root).resolve()
+    if (out_root == PAPER_RESULTS or PAPER_RESULTS in out_root.parents) and (not preset or differences):
+        why = "; ".join(differences) if differences else "not a --paper sweep"
+        raise UsageError(f"{display_path(str(PAPER_RESULTS))} holds the paper's measured "
+                         f"results; this sweep differs from the paper's settings ({why}): leave out "
+                         "--out (it then collects into its own --sweep_dir) or choose another")
 
 
 def write_manifest(sweep_dir, specs, args, own, common):

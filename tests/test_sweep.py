@@ -167,3 +167,85 @@ def test_a_killed_sweep_rerun_retrains_nothing_finished(tmp_path, mnist_4k):
     assert final_tests(tmp_path / "killed") == final_tests(tmp_path / "straight")
     assert ((tmp_path / "killed" / "mnist" / "curves.csv").read_text() ==
             (tmp_path / "straight" / "mnist" / "curves.csv").read_text())
+
+
+def prepared_paper_sweep(sweep_dir, own, common=()):
+    """A --paper mnist sweep folder as sweep.py writes it, with one numpy PEPITA run finished
+    (its metrics.json as main.py writes it), without running anything."""
+    args = sweep.build_parser().parse_args(own)
+    args.other_seeds = args.other_seeds or args.seeds
+    specs = sweep.build_runs(args, list(common))
+    sweep.write_manifest(sweep_dir, specs, args, own, list(common))
+    folder = sweep_dir / "runs" / "numpy_ERIN_seed0" / "res_paper"
+    folder.mkdir(parents=True)
+    utils.write_json(folder / "metrics.json", {
+        "status": "finished", "test": [[0.9, 0.97]], "train": [[0.8, 0.95]],
+        "final_test": [0.97], "epoch_time_s": [[1.0, 1.0]]})
+
+
+@pytest.fixture
+def paper_results(tmp_path, monkeypatch):
+    """sweep.PAPER_RESULTS moved to a copy of the committed results/paper."""
+    paper = tmp_path / "paper"
+    (paper / "mnist").mkdir(parents=True)
+    for name in ("table.md", "curves.csv"):
+        (paper / "mnist" / name).write_bytes((ROOT / "results/paper/mnist" / name).read_bytes())
+    monkeypatch.setattr(sweep, "PAPER_RESULTS", paper.resolve())
+    return paper
+
+
+def folder_bytes(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_small_settings_paper_sweep_leaves_the_paper_results_unchanged(tmp_path,
+                                                                          paper_results):
+    before = folder_bytes(paper_results)
+    sweep_dir = tmp_path / "small"
+    prepared_paper_sweep(sweep_dir, ["--paper", "mnist", "--epochs", "1"], ["--n_samples", "500"])
+    assert sweep.main(["--collect", str(sweep_dir)]) == 0
+    assert folder_bytes(paper_results) == before
+    note = (sweep_dir / "mnist" / "table.md").read_text().splitlines()[0]
+    assert note.startswith("**Not the paper's settings**") and "--n_samples 500" in note
+    assert "--train_epochs 1" in note
+    for argv in (["--collect", str(sweep_dir), "--out", str(paper_results)],
+                 ["--paper", "mnist", "--epochs", "1", "--out", str(paper_results), "--dry_run"]):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(argv)
+        assert exit_info.value.code == 2
+    assert folder_bytes(paper_results) == before
+
+
+def test_a_paper_settings_sweep_collects_into_the_paper_results(tmp_path, paper_results):
+    sweep_dir = tmp_path / "full"
+    prepared_paper_sweep(sweep_dir, ["--paper", "mnist"])
+    assert sweep.main(["--collect", str(sweep_dir)]) == 0
+    table = (paper_results / "mnist" / "table.md").read_text()
+    assert not table.startswith("**Not")
+    assert "| PEPITA | numpy | 1 | 2 | 97.00 (n = 1) | 98.01 ± 0.09 | -11.2 **(> 2)** |" in table
+    assert not (sweep_dir / "mnist").exists()
+
+
+def test_collected_tables_show_the_paper_values_of_the_conv_nets():
+    assert sweep.paper_value("mn", "Net1conv1fcXL", "ERIN") == (98.29, 0.13)
+    assert sweep.paper_value("cif", "Net1conv1fcXL_cif", "BP") == (64.99, 0.32)
+    assert sweep.paper_value("cif", "NetFC1x1024DOcust_cif", "ERIN") == (52.57, 0.36)
+    assert sweep.paper_value("cif100", "numpy", "FA") is None  # not known
+    assert sweep.paper_value("mn", "NetFC", "ERIN") is None  # not the paper's net
+
+
+def test_the_combined_table_has_every_cell_of_the_paper(tmp_path):
+    header = "rule,path,variant,seed,epoch,train_acc_percent,test_acc_percent\n"
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "curves.csv").write_text(
+        header + "ERIN,numpy,,0,1,,97.0\nERIN,numpy,,0,2,,98.0\nERIN,numpy,,1,2,,98.2\n")
+    (tmp_path / "cifar10" / "conv").mkdir(parents=True)
+    (tmp_path / "cifar10" / "conv" / "curves.csv").write_text(
+        header + "BP,Net1conv1fcXL_cif,decay_scheme=1,0,1,,65.0\n")
+    lines = sweep.combined_table(tmp_path)
+    cells = {row[0]: row for row in (line.strip("| ").split(" | ") for line in lines[2:])}
+    assert cells["PEPITA"][1] == "**98.10 ± 0.10** (n = 2), +1.0 std<br>paper 98.01 ± 0.09"
+    assert cells["BP"][5] == "**65.00 (n = 1)** decay_scheme=1, +0.0 std<br>paper 64.99 ± 0.32"
+    assert cells["BP"][3] == "not run (no copy here)<br>paper 27.58 ± 0.09"
+    assert cells["FA"][4] == "–"  # the paper has no conv FA
+    assert "python sweep.py --combine" in (tmp_path / "README.md").read_text()
