@@ -1,7 +1,9 @@
 """Shared fixtures: synthetic datasets in the on-disk formats people have, so the tests
 exercise the real loaders without a network; the real MNIST in ../shared when present."""
 import gzip
+import os
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+JPEG_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 
 
 def write_idx(path, array):
@@ -57,3 +60,16 @@ def real_mnist():
     if not (REAL_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"the real MNIST is not in {REAL_MNIST}")
     return REAL_MNIST
+
+
+@pytest.fixture(scope="session")
+def real_cifar10():
+    """The folder of the cifar10.npz decoded from ../shared/data/cifar10's JPEG copy by its
+    make_npz.py (decoded once, about a minute, into the user's cache, where it stays)."""
+    if not (JPEG_CIFAR10 / "cifar10-jpeg.tar.gz").is_file():
+        pytest.skip(f"the CIFAR-10 JPEG copy is not in {JPEG_CIFAR10}")
+    done = subprocess.run([sys.executable, str(JPEG_CIFAR10 / "make_npz.py")],
+                          capture_output=True, text=True, env=os.environ)
+    if done.returncode != 0:
+        pytest.fail(f"make_npz.py failed: {done.stderr.strip().splitlines()[-1]}")
+    return Path(done.stdout.strip().splitlines()[-1]).parent
