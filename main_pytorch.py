@@ -53,9 +53,10 @@ def build_parser():
     add("--freeze_conv", action="store_true", help="keep the conv layer fixed")
     add("--sqrt_conv", action="store_true",
         help="divide the conv update by sqrt(positions) instead of the positions")
-    add("--decay_scheme", "-decs", type=int, default=1, choices=(0, 1),
+    add("--decay_scheme", "-decs", type=int, default=1, choices=(0, 1, 2),
         help="with --eta_decay, the epochs (counted from 0) of the decays: 0 = 60 on MNIST, "
-             "60 and 90 otherwise; 1 = 10, 30 and 60")
+             "60 and 90 otherwise; 1 = 10, 30 and 60; 2 = 60 and 90 on every dataset (the "
+             "follow-up's)")
     add("--is_pool", action="store_true",
         help="kept for the published commands: the fc update of conv models always uses "
              "the pooled features (the published code crashes without this flag)")
@@ -80,6 +81,10 @@ def build_parser():
              "sample (sample)")
     add("--mirror", action="store_true",
         help="train the B_l by weight mirroring (needs --feedback normal)")
+    add("--followup_loop", action="store_true",
+        help="train with the follow-up's loop: drop the last partial batch, each decay one "
+             "epoch later (at the end of the epoch), and in time_local the clean-pass step "
+             "also in the pre-mirror epochs")
     for name, value, text in MIRROR_SETTINGS:
         add(f"--{name}", type=utils.non_negative_int if isinstance(value, int)
             else utils.non_negative_float, default=argparse.SUPPRESS,  # set by --mirror
@@ -154,16 +159,19 @@ def folder_name(args, code):
     name += f"_{args.pepita_mode}" if args.pepita_mode != "published" else ""
     name += "_fbnormal" if args.feedback == "normal" else ""
     name += "_mirror" if args.mirror else ""
+    name += "_followuploop" if args.followup_loop else ""
     name += f"_wd{args.weight_decay:g}" if args.weight_decay else ""
     return name + (f"_norm{args.normalize}" if args.normalize != "none" else "")
 
 
 def decay_epochs(args, code):
+    """The epochs (from 0) at whose start the learning rate is multiplied by 0.1. The
+    follow-up's scheduler steps at the end of the epoch, so with --followup_loop each decay
+    first applies one epoch later."""
     if not args.eta_decay:
         return ()
-    if args.decay_scheme == 0:
-        return (60,) if code == "mn" else (60, 90)
-    return (10, 30, 60)
+    epochs = {0: (60,) if code == "mn" else (60, 90), 1: (10, 30, 60), 2: (60, 90)}
+    return tuple(e + args.followup_loop for e in epochs[args.decay_scheme])
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,8 +222,13 @@ def train_epoch(args, model, optimizer, feedback, data, generators, n_classes, e
     order = torch.randperm(len(x_train), generator=cpu_gen).to(x_train.device)
     train_forward = not (args.mirror and epoch < args.pre_mirror)
     mirror_now = args.mirror and (not train_forward or (epoch + 1) % args.mirror_every == 0)
+    # the follow-up's trainer takes time_local's clean-pass step before it checks pre-mirroring
+    clean_step_only = (not train_forward and args.followup_loop
+                       and args.pepita_mode == "time_local")
+    # the follow-up's loader drops the last partial batch (drop_last=True)
+    n_used = len(order) - (len(order) % args.batch_size if args.followup_loop else 0)
     total_loss = 0.0
-    for batch, start in enumerate(range(0, len(order), args.batch_size), start=1):
+    for batch, start in enumerate(range(0, n_used, args.batch_size), start=1):
         idx = order[start:start + args.batch_size]
         x, y = x_train[idx], y_train[idx]
         masks = models.draw_masks(model, device_gen, len(idx), args.dropout, x.device)
@@ -227,7 +240,7 @@ def train_epoch(args, model, optimizer, feedback, data, generators, n_classes, e
             optimizer.step()
         else:
             target = F.one_hot(y, n_classes).to(x.dtype)
-            if not train_forward:
+            if not (train_forward or clean_step_only):
                 with torch.no_grad():
                     output = model(x, masks)[0]
             elif args.pepita_mode == "published":
@@ -237,7 +250,8 @@ def train_epoch(args, model, optimizer, feedback, data, generators, n_classes, e
                 new_masks = functools.partial(models.draw_masks, model, device_gen, len(idx),
                                               args.dropout, x.device)
                 output = models.followup_step(model, optimizer, x, target, feedback.F, masks,
-                                              args.pepita_mode, args.batch_size, new_masks)
+                                              args.pepita_mode, args.batch_size, new_masks,
+                                              clean_step_only)
             if mirror_now:
                 models.mirror_feedback(model, feedback, device_gen, args.batch_size,
                                        args.dropout, args.mirror_lr, args.mirror_wd,
@@ -247,7 +261,7 @@ def train_epoch(args, model, optimizer, feedback, data, generators, n_classes, e
         utils.check_finite(loss, f"{where}, batch {batch}", args.eta)
         total_loss += loss * len(idx)
         progress.update(len(idx))
-    return total_loss / len(order)
+    return total_loss / n_used
 
 
 # ------------------------------------------------------------------------------------------
@@ -384,6 +398,10 @@ def train(args):
     data = load_tensors(code, args.data_dir, device, args.n_samples,
                         np.random.default_rng(data_seq))
     n_classes = DATASETS[code]["classes"]
+    if args.followup_loop and len(data[0]) < args.batch_size:
+        raise UsageError(f"--followup_loop drops the last partial batch, and the {len(data[0])} "
+                         f"training images make no full batch of {args.batch_size}: use a "
+                         "smaller --batch_size or more --n_samples")
     log.debug("training set %s, test set %s", tuple(data[0].shape), tuple(data[2].shape))
     models.build_model(args.model, data[0].shape[1:], n_classes, args.w_init)  # fits data?
     utils.prepare_folder(folder, args.resume, args.overwrite)

@@ -377,11 +377,12 @@ def apply_factors(model, optimizer, factors):
 
 
 @torch.no_grad()
-def followup_step(model, optimizer, x, target, F_proj, masks, mode, batch_size, new_masks):
+def followup_step(model, optimizer, x, target, F_proj, masks, mode, batch_size, new_masks,
+                  clean_step_only=False):
     """One batch of the follow-up's PEPITA modes; x' = x - e F^T (their sign). time_local:
-    a step after the clean pass (h_l^T h_{l-1}, y^T h_{L-1}), then the modulated pass with
-    the updated weights and fresh masks (new_masks()) and a second step (-h'_l^T h'_{l-1},
-    -t^T h'_{L-1}). Returns the first pass's output."""
+    a step after the clean pass (h_l^T h_{l-1}, y^T h_{L-1}), then, unless clean_step_only,
+    the modulated pass with the updated weights and fresh masks (new_masks()) and a second
+    step (-h'_l^T h'_{l-1}, -t^T h'_{L-1}). Returns the first pass's output."""
     first, W1_F = model.first_pass(x, masks, F_proj)
     e = first[0] - target
     x_mod = x - (e @ F_proj.T).view_as(x)
@@ -389,6 +390,8 @@ def followup_step(model, optimizer, x, target, F_proj, masks, mode, batch_size, 
         y, (hidden, _) = first
         apply_factors(model, optimizer, [(h / batch_size, prev) for h, prev in
                                          zip([*hidden[1:], y], hidden)])
+        if clean_step_only:
+            return y
         _, (hidden_mod, _) = model(x_mod, new_masks())
         apply_factors(model, optimizer, [(-h / batch_size, prev) for h, prev in
                                          zip([*hidden_mod[1:], target], hidden_mod)])

@@ -61,6 +61,17 @@ CONV_PAPER = ("--exp_name paper --n_runs 1 --train_epochs 100 --eta 0.01 --dropo
 TUTORIAL = ("--exp_name paper --train_epochs 100 --eta 0.01 --dropout 0.9 --Bstd 0.05 "
             "--eta_decay --decay_scheme 0 --batch_size 64 --update_type mom "
             "--model NetFC1x1024DOcust_cif").split()
+# The follow-up's configuration (its train.py defaults, ../shared/pepita-reference.md
+# section 7): feedback normal, he_normal init, lr 0.01, momentum 0.9, batch 64, dropout keep
+# 0.9, 100 epochs, lr x 0.1 after epochs 60 and 90, with its loop (--followup_loop)
+FOLLOWUP = ("--exp_name followup --learn_type ERIN --model NetFC --feedback normal --w_init he "
+            "--eta 0.01 --update_type mom --batch_size 64 --dropout 0.9 --Bstd 0.05 "
+            "--train_epochs 100 --eta_decay --decay_scheme 2 --followup_loop").split()
+FOLLOWUP_CONFIGS = (  # (label, flags): the mode its paper calls PEPITA, + WD, + WD + mirroring
+    ("PEPITA", ["--pepita_mode", "modulated"]),
+    ("PEPITA+WD", ["--pepita_mode", "modulated", "--weight_decay", "1e-4"]),
+    ("PEPITA+WD+WM", ["--pepita_mode", "modulated", "--weight_decay", "1e-4", "--mirror"]),
+)
 NUMPY_RULES = ("ERIN", "BP", "FA", "DRTP", "ERINsign", "DFA")  # the paper's rules first
 PRESET_DATASETS = {"mnist": "mn", "cifar10": "cif", "cifar100": "cif100"}
 
@@ -117,6 +128,22 @@ def paper_runs(preset, seeds, other_seeds):
     runs += conv_runs("BP", other_seeds)
     for rule in NUMPY_RULES[1:]:
         runs += numpy_runs(rule, other_seeds)
+    return runs
+
+
+def followup_runs(preset, seeds):
+    """The follow-up's runs as (rule label, variant, seed, flags): 1, 2 and 3 hidden layers of
+    1024 units for each configuration, the deeper and mirroring runs first (the slowest),
+    then PEPITA-TL (time_local) with one hidden layer."""
+    runs = []
+    for label, flags in reversed(FOLLOWUP_CONFIGS):
+        for depth in (3, 2, 1):
+            runs += [(label, f"depth{depth}", seed,
+                      [*FOLLOWUP, "--fc_hidden", *["1024"] * depth, "--dataset",
+                       PRESET_DATASETS[preset], *flags]) for seed in range(seeds)]
+    runs += [("PEPITA-TL", "depth1", seed,
+              [*FOLLOWUP, "--fc_hidden", "1024", "--dataset", PRESET_DATASETS[preset],
+               "--pepita_mode", "time_local"]) for seed in range(seeds)]
     return runs
 
 
@@ -183,6 +210,10 @@ def build_runs(args, common):
         specs = [make_spec(script, [*flags, "--seed", str(seed), *common], rule, seed)
                  for script, rule, seed, flags in paper_runs(args.paper, args.seeds,
                                                              args.other_seeds)]
+    elif args.followup:
+        specs = [make_spec("main_pytorch.py", [*flags, "--seed", str(seed), *common], rule,
+                           seed, variant)
+                 for rule, variant, seed, flags in followup_runs(args.followup, args.seeds)]
     else:
         grid = list(args.grid)
         if not any(item.startswith("seed=") for item in grid):
@@ -732,6 +763,9 @@ def build_parser():
     add = parser.add_argument
     add("--paper", choices=tuple(PRESET_DATASETS),
         help="the paper's runs for this dataset (the README's commands)")
+    add("--followup", choices=tuple(PRESET_DATASETS),
+        help="the follow-up paper's runs for this dataset: depth 1-3 x (PEPITA, + weight "
+             "decay, + weight decay and mirroring), and PEPITA-TL")
     add("--script", choices=SCRIPTS, default="main.py", help="entry script of a --grid sweep")
     add("--grid", action="append", default=[], metavar="FLAG=V1,V2",
         help="values of one flag of the script (repeat for more flags; on,off for switches)")
@@ -786,8 +820,9 @@ def sweep(args, common, own):
         rows, out = collect(args.collect, args.out)
         log.info("collected %d rows into %s", len(rows), out)
         return 0
-    if args.paper and args.grid:
-        raise UsageError("--paper and --grid exclude each other: a preset is a grid")
+    if sum(map(bool, (args.paper, args.followup, args.grid))) > 1:
+        raise UsageError("--paper, --followup and --grid exclude each other: a preset is a "
+                         "grid")
     if args.other_seeds and not args.paper:
         raise UsageError("--other_seeds goes with --paper; use --seeds")
     args.other_seeds = args.other_seeds or args.seeds
@@ -799,8 +834,9 @@ def sweep(args, common, own):
                              "main_pytorch.py runs alone, or leave it out")
         for spec in specs:
             spec["flags"] += ["--device", "cuda"]
-    sweep_dir = Path(args.sweep_dir or "results/sweeps/" + (f"paper_{args.paper}" if args.paper
-                                                           else "grid"))
+    sweep_dir = Path(args.sweep_dir or "results/sweeps/" + (
+        f"paper_{args.paper}" if args.paper else
+        f"followup_{args.followup}" if args.followup else "grid"))
     differences = differences_from_paper({"paper": args.paper, "runs": specs})
     if args.out:
         refuse_paper_results(Path(args.out), args.paper, differences)

@@ -246,3 +246,71 @@ def test_followup_flags_that_make_no_sense_exit_2(tmp_path, mnist_dir, capsys, f
         main_pytorch.main(argv)
     assert exit_info.value.code == 2 and words in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "r").exists()
+
+
+def loop_args(**changes):
+    settings = dict(learn_type="ERIN", batch_size=BATCH, dropout=0.8, mirror=False,
+                    pre_mirror=2, mirror_every=1, mirror_lr=0.1, mirror_wd=0.5,
+                    pepita_mode="time_local", followup_loop=True, sqrt_conv=False, eta=0.1,
+                    Bstd=0.05)
+    settings.update(changes)
+    return SimpleNamespace(**settings)
+
+
+class Progress:
+    def update(self, n):
+        pass
+
+
+def run_epoch(args, model, x, y, epoch=0):
+    """main_pytorch.train_epoch on (x, y) with SGD at lr 0.1 and a fixed F."""
+    _, _, _, F_proj, _ = small_net()
+    optimizer = models.make_optimizer("SGD", "ERIN", list(model.parameters()), 0.1, 0,
+                                      args.pepita_mode)
+    generators = (torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    return main_pytorch.train_epoch(args, model, optimizer, models.Feedback([F_proj]),
+                                    (x, y), generators, SIZES[-1], epoch, Progress(), "test")
+
+
+@pytest.mark.parametrize("followup_loop, sizes", [(True, [BATCH, BATCH]),
+                                                  (False, [BATCH, BATCH, 2])])
+def test_followup_loop_drops_the_last_partial_batch(monkeypatch, followup_loop, sizes):
+    seen = []
+    step = models.followup_step
+    monkeypatch.setattr(models, "followup_step",
+                        lambda model, opt, x, *rest: seen.append(len(x)) or step(model, opt, x,
+                                                                                 *rest))
+    model = small_net()[0]
+    x = torch.rand(2 * BATCH + 2, SIZES[0], dtype=torch.float64)
+    run_epoch(loop_args(followup_loop=followup_loop, pepita_mode="modulated"), model, x,
+              torch.arange(len(x)) % SIZES[-1])
+    assert seen == sizes
+
+
+def test_followup_loop_decays_one_epoch_later():
+    """Their scheduler steps at the end of epochs 60 and 90 (from 0): the new rate first
+    applies in epochs 61 and 91; ours from 60 and 90."""
+    def decays(scheme, code, followup_loop):
+        args = SimpleNamespace(eta_decay=True, decay_scheme=scheme, followup_loop=followup_loop)
+        return main_pytorch.decay_epochs(args, code)
+
+    assert decays(2, "mn", True) == (61, 91) and decays(2, "cif", True) == (61, 91)
+    assert decays(2, "mn", False) == (60, 90)
+    assert decays(0, "mn", False) == (60,) and decays(0, "cif", True) == (61, 91)
+    assert decays(1, "cif", True) == (11, 31, 61)
+
+
+@pytest.mark.parametrize("followup_loop", [True, False])
+def test_time_local_pre_mirror_epochs_take_the_clean_step_with_the_followup_loop(
+        monkeypatch, followup_loop):
+    monkeypatch.setattr(models, "mirror_feedback", lambda *args, **kwargs: None)
+    model, x, t, _, _ = small_net()
+    W = [layer.weight.detach().clone() for layer in model.layers]
+    args = loop_args(mirror=True, dropout=1.0, followup_loop=followup_loop)
+    run_epoch(args, model, x, t.argmax(1), epoch=0)  # epoch 0 < pre_mirror 2
+    hs, y = written_forward(W, x, [torch.ones(BATCH, n, dtype=torch.float64)
+                                   for n in SIZES[1:-1]])
+    expected = ([w - 0.1 * h.T @ prev / BATCH for w, h, prev in zip(W, [*hs[1:], y], hs)]
+                if followup_loop else W)
+    for layer, w in zip(model.layers, expected):
+        torch.testing.assert_close(layer.weight.detach(), w, rtol=1e-12, atol=1e-14)

@@ -249,3 +249,19 @@ def test_the_combined_table_has_every_cell_of_the_paper(tmp_path):
     assert cells["BP"][3] == "not run (no copy here)<br>paper 27.58 ± 0.09"
     assert cells["FA"][4] == "–"  # the paper has no conv FA
     assert "python sweep.py --combine" in (tmp_path / "README.md").read_text()
+
+
+def test_the_followup_preset_lists_depths_configurations_and_time_local(capsys):
+    assert sweep.main(["--followup", "cifar10", "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split(":")[0] for line in lines]
+    assert names == [f"NetFC_{label}_depth{d}_seed0" for label in
+                     ("PEPITA-WD-WM", "PEPITA-WD", "PEPITA") for d in (3, 2, 1)] + \
+        ["NetFC_PEPITA-TL_depth1_seed0"]
+    for line in lines:
+        assert "--followup_loop" in line and "--feedback normal" in line
+        assert "--w_init he " in line and "--decay_scheme 2" in line and "--dataset cif" in line
+    assert "--fc_hidden 1024 1024 1024 --dataset" in lines[0] and "--mirror" in lines[0]
+    assert "--weight_decay 1e-4" in lines[3] and "--mirror" not in lines[3]
+    assert "--weight_decay" not in lines[6] and "--pepita_mode modulated" in lines[6]
+    assert "--pepita_mode time_local" in lines[-1]
