@@ -138,7 +138,7 @@ def read_idx(path):
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise DatasetError(f"{path} is truncated or corrupt ({err}); copy it again") from None
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
         raise DatasetError(f"{path} is not an IDX file of unsigned bytes; copy it again")
@@ -184,14 +184,42 @@ def _load_npz(path):
                            "again") from None
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR batches hold: dicts, lists, bytes, strings, numbers and
+    numpy arrays. Any other global (a function to call, a class to build) is refused, so
+    a hostile file cannot run code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("_codecs", "encode")}  # how Python 3 pickles bytes for Python 2 readers
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise RefusedPickle(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle asked for a global that a CIFAR batch never holds."""
+
+
 def _unpickle(path):
     """A CIFAR batch as a dict with str keys: Python 2 pickles (str keys, read as latin1)
-    and Python 3 ones (bytes keys) alike, as keras accepts both. CIFAR's own format is a
-    pickle: only load copies you trust (see README)."""
+    and Python 3 ones (bytes keys) alike, as keras accepts both; read with CifarUnpickler."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as err:
+            batch = CifarUnpickler(f, encoding="latin1").load()
+    except RefusedPickle as err:
+        raise DatasetError(f"{path} was refused: it asks to load {err}, which no CIFAR batch "
+                           "holds (only dicts, lists, bytes, strings, numbers and numpy "
+                           "arrays); it is damaged or not a CIFAR file") from None
+    except MemoryError:
+        raise DatasetError(f"{path} is corrupt: it claims more data than any CIFAR batch "
+                           "holds; copy it again") from None
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
+            ImportError, OverflowError, IndexError, KeyError, struct.error) as err:
         raise DatasetError(f"{path} is truncated or corrupt ({describe(err)}); copy it "
                            "again") from None
     if not isinstance(batch, dict):

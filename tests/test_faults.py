@@ -361,6 +361,15 @@ def bad_files(tmp_path, images, case):
         bad = x_train.astype(float)
         bad[0, 0, 0] = np.nan
         npz_dataset(folder, bad, y_train, x_test, y_test)
+    elif case == "flipped bytes in a .gz":
+        folder.mkdir()
+        for name, array in zip(utils.MNIST_FILES, images):
+            write_idx(folder / f"{name}.gz", array)
+        path = folder / "train-images-idx3-ubyte.gz"
+        data = bytearray(path.read_bytes())
+        for i in np.random.default_rng(0).choice(np.arange(20, len(data) - 8), 100, False):
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
     elif case == "missing arrays":
         folder.mkdir()
         np.savez(folder / "mnist.npz", x_train=x_train)
@@ -377,6 +386,7 @@ def bad_files(tmp_path, images, case):
     ("floats beyond 255", "uint8 in [0, 255] or floats in [0, 1]"),
     ("NaN pixels", "uint8 in [0, 255] or floats in [0, 1]"),
     ("missing arrays", "x_train, y_train"),
+    ("flipped bytes in a .gz", "train-images-idx3-ubyte.gz is truncated or corrupt"),
 ])
 @pytest.mark.parametrize("entry", [main.main, main_pytorch.main])
 def test_bad_dataset_files_exit_2_before_any_folder(tmp_path, images, capsys, entry, case,
@@ -401,14 +411,70 @@ def test_float_images_in_0_1_train_like_the_uint8_ones(tmp_path, images):
     assert np.allclose(w_bytes, w_floats, rtol=0, atol=1e-6)
 
 
-def test_cifar_pickles_written_by_python_3_are_read(tmp_path):
+def cifar_folder(tmp_path, first_batch, protocol=pickle.HIGHEST_PROTOCOL):
+    """cifar-10-batches-py/ with small batches; data_batch_1's bytes replaced by first_batch
+    (bytes) unless None."""
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-                 b"labels": list(rng.integers(0, 10, 4))}
-        (folder / name).write_bytes(pickle.dumps(batch))
+        batch = {b"batch_label": b"training batch", b"data": rng.integers(
+                     0, 256, (4, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, 4)],
+                 b"filenames": [b"a.png", "b.png", b"c.png", b"d.png"]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    if first_batch is not None:
+        (folder / "data_batch_1").write_bytes(first_batch)
+    return folder
+
+
+class RunsACommand:
+    """Unpickling this calls os.system: what a hostile 'CIFAR batch' would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def damaged_pickle(case, tmp_path):
+    good = pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 4})
+    if case == "runs a command":
+        return pickle.dumps({b"data": RunsACommand(tmp_path / "ran")})
+    if case == "names a missing module":
+        return b"\x80\x02cno_such_thing\nx\nq\x00."  # protocol 2: GLOBAL no_such_thing.x
+    if case == "a frame claiming a huge length":
+        return b"\x80\x04\x95" + (2 ** 62).to_bytes(8, "little") + b"}" * 19
+    if case == "cut in half":
+        return good[:len(good) // 2]
+    if case == "garbage":
+        return bytes(np.random.default_rng(3).integers(0, 256, 200, dtype=np.uint8))
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case,words", [
+    ("runs a command", "refused: it asks to load posix.system"),
+    ("names a missing module", "refused: it asks to load no_such_thing.x"),
+    ("a frame claiming a huge length", "data_batch_1 is"),
+    ("cut in half", "truncated or corrupt"),
+    ("garbage", "data_batch_1"),
+])
+@pytest.mark.parametrize("entry", [main.main, main_pytorch.main])
+def test_damaged_or_hostile_cifar_pickles_exit_2_in_one_line(tmp_path, capsys, entry, case,
+                                                              words):
+    folder = cifar_folder(tmp_path, damaged_pickle(case, tmp_path))
+    job = [*(NUMPY_JOB if entry is main.main else TORCH_JOB), "--dataset", "cif"]
+    code, line = exit_status(entry, job, folder.parent, tmp_path / "r", capsys)
+    assert code == 2 and words in line and "data_batch_1" in line, line
+    assert "\n" not in line.strip() and "out of memory" not in line
+    assert not (tmp_path / "ran").exists()  # the command did not run
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar_pickles_of_every_protocol_are_read(tmp_path, protocol):
+    cifar_folder(tmp_path, None, protocol)
     x_train, y_train, x_test, y_test = utils.load_dataset("cif", tmp_path)
     assert x_train.shape == (20, 32, 32, 3) and y_test.shape == (4,)
 
