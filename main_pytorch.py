@@ -1,6 +1,7 @@
 """Convolutional and fully connected networks trained with PEPITA (ERIN) or BP (PyTorch).
 
-The published MNIST conv command (1 epoch: about 95% test accuracy; see README "Speed"):
+The published MNIST conv command (measured here: 93.76% test accuracy after 1 epoch, 97.44%
+after 100; 98.1-98.4% with --decay_scheme 0, as the paper preset runs it; README):
 
     python main_pytorch.py --exp_name Experiment2 --learn_type ERIN --n_runs 1 \
         --train_epochs 100 --eta 0.01 --dropout 0.9 --Bstd 0.05 --eta_decay --dataset mn \

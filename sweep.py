@@ -16,7 +16,6 @@ command again skips finished runs and resumes the others from their last epoch. 
 table.md, curves.csv, test_curves.png and README.md of a sweep folder (see README.md,
 "Reproducing the paper").
 """
-import argparse
 import ctypes
 import fcntl
 import hashlib
@@ -756,10 +755,7 @@ DATASET_NAMES = {"mn": "mnist", "fmn": "fashion_mnist", "emn": "emnist", "cif": 
 # Command line
 # ------------------------------------------------------------------------------------------
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        usage="%(prog)s [options] [-- flags for every run]",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = utils.new_parser(__doc__, usage="%(prog)s [options] [-- flags for every run]")
     add = parser.add_argument
     add("--paper", choices=tuple(PRESET_DATASETS),
         help="the paper's runs for this dataset (the README's commands)")

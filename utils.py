@@ -484,10 +484,20 @@ def n_samples_value(text):
     return text
 
 
-def new_parser(doc):
-    """An argparse parser whose --help shows every flag's default."""
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help unless the help already says its default, or the
+    default is None (nothing to show)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def new_parser(doc, **kwargs):
+    """An argparse parser whose --help shows every flag's default once."""
     return argparse.ArgumentParser(description=doc.split("\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=DefaultsHelpFormatter, **kwargs)
 
 
 def keep_probability(text):

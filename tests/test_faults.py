@@ -506,6 +506,13 @@ def test_help_shows_defaults_and_every_flag_has_help():
         assert "(default: " in text and "--n_samples" in text
         undocumented = [a.dest for a in parser._actions if not a.help]
         assert not undocumented, undocumented
+    import sweep
+    for parser in (main.build_parser(), main_pytorch.build_parser(), sweep.build_parser()):
+        for action in parser._actions:
+            text = " ".join(parser._get_formatter()._expand_help(action).split()) \
+                if action.help else ""
+            assert text.count("default") <= 1, text  # no doubled default
+            assert "(default: None)" not in text
     assert "epochs 60 and 90" in " ".join(main.build_parser().format_help().split())
     assert "10, 30 and 60" in " ".join(main_pytorch.build_parser().format_help().split())
 
