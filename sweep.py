@@ -16,9 +16,11 @@ command again skips finished runs and resumes the others from their last epoch. 
 table.md, curves.csv, test_curves.png and README.md of a sweep folder (see README.md,
 "Reproducing the paper").
 """
+import contextlib
 import ctypes
 import fcntl
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -26,6 +28,7 @@ import os
 import platform
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,8 +115,8 @@ def paper_runs(preset, seeds, other_seeds):
     def numpy_runs(rule, n_seeds):
         flags = [*NUMPY_PAPER, "--learn_type", rule, "--dataset", code,
                  "--sample_passes", "2" if rule.startswith("ERIN") else "1"]
-        if cifar:  # the paper's fully connected CIFAR nets use the tutorial's settings
-            flags += ["--eta", "0.01"]
+        if cifar:  # the paper's fully connected CIFAR nets use the tutorial's eta
+            flags[flags.index("--eta") + 1] = "0.01"
         return [("main.py", rule, seed, flags) for seed in range(n_seeds)]
 
     def conv_runs(rule, n_seeds):
@@ -224,9 +227,15 @@ def build_runs(args, common):
             seed = values.pop("seed")
             variant = "_".join(f"{k}={v}" for k, v in values.items())
             specs.append(make_spec(args.script, [*common, *flags], rule, seed, variant))
-    if args.epochs:
+    if args.epochs and {"--train_epochs", "-trep"} & set(common):
+        raise UsageError("--train_epochs is given twice (--epochs and after --); give it once")
+    if args.epochs:  # in place of a preset's epochs, else added
         for spec in specs:
-            spec["flags"] += ["--train_epochs", str(args.epochs)]
+            flags = spec["flags"]
+            if "--train_epochs" in flags:
+                flags[flags.index("--train_epochs") + 1] = str(args.epochs)
+            else:
+                flags += ["--train_epochs", str(args.epochs)]
     names = [spec["name"] for spec in specs]
     if len(set(names)) != len(names):
         raise UsageError("two runs of the grid have the same settings; remove the repeated "
@@ -254,7 +263,20 @@ def read_metrics(run_dir):
 def read_record(run_dir):
     """A trial's trial.json (command, machine, exit status, error line), or {}."""
     path = Path(run_dir) / "trial.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    record = read_json(path, "delete it: the sweep writes it again when it reruns the trial")
+    if not isinstance(record, dict):
+        raise UsageError(f"{path} is damaged (not a trial record); delete it: the sweep "
+                         "writes it again when it reruns the trial")
+    return record
+
+
+def read_json(path, advice):
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is damaged ({utils.describe(err)}); {advice}") from None
 
 
 def progress(metrics):
@@ -331,6 +353,9 @@ def trial(config):
             lines = [line for line in f.read().decode(errors="replace").splitlines()
                      if line.strip()]
         record["message"] = lines[-1] if lines else f"exit status {child.returncode}"
+        if child.returncode < 0:  # the log's last line is only its progress then
+            record["message"] = (f"ended by {signal.Signals(-child.returncode).name} (not by "
+                                 "an error of its own); rerun the sweep to resume it")
     utils.write_json(run_dir / "trial.json", record)
     epochs, acc = progress(read_metrics(run_dir))
     if child.returncode != 0:  # reported, not raised: one line instead of Ray's traceback
@@ -367,16 +392,61 @@ def progress_callback():
     return Progress()
 
 
+def check_address(address):
+    """A HOST:PORT that no Ray cluster answers: one line within seconds (ray.init would
+    retry for minutes)."""
+    if address in (None, "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--address {address}: no Ray cluster answers there "
+                         f"({getattr(err, 'strerror', None) or utils.describe(err)}); start one "
+                         "with 'ray start --head', or leave out --address to run on this "
+                         "machine") from None
+
+
+def check_resources(ray, args):
+    """Trials that no node of the cluster can hold would wait forever: refuse them."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    for flag, name, wanted in (("--cpus_per_trial", "CPU", args.cpus_per_trial),
+                               ("--gpus_per_trial", "GPU", args.gpus_per_trial)):
+        largest = max((node.get(name, 0) for node in nodes), default=0)
+        if wanted > largest:
+            raise UsageError(f"{flag} {wanted:g}: no machine of the Ray cluster has that many "
+                             f"{name}s (at most {largest:g}); ask for at most {largest:g}")
+
+
+def start_ray(ray, args):
+    check_address(args.address)
+    if not args.address and args.cpus_per_trial > os.cpu_count():
+        raise UsageError(f"--cpus_per_trial {args.cpus_per_trial}: this machine has "
+                         f"{os.cpu_count()} cores; ask for at most {os.cpu_count()}")
+    local = {} if args.address else {"num_cpus": os.cpu_count(), "include_dashboard": False}
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's banners and tables: none
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C is ours (main)
+    logging.getLogger("ray").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+    try:
+        ray.init(address=args.address, log_to_driver=False,
+                 logging_level=logging.INFO if args.verbose else logging.ERROR,
+                 configure_logging=False, **local)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise UsageError(f"--address {args.address}: cannot connect to a Ray cluster "
+                         f"({utils.describe(err)}); start one with 'ray start --head', or "
+                         "leave out --address to run on this machine") from None
+
+
 def run_sweep(specs, sweep_dir, args):
     import ray
     from ray import tune
     started_ray = not ray.is_initialized()
     if started_ray:
-        local = {} if args.address else {"num_cpus": os.cpu_count(),
-                                         "include_dashboard": False}
-        ray.init(address=args.address, log_to_driver=False, logging_level=logging.WARNING,
-                 configure_logging=False, **local)
+        start_ray(ray, args)
+        for signum in (signal.SIGINT, signal.SIGTERM):  # ray.init installs its own
+            signal.signal(signum, interrupt)
     try:
+        check_resources(ray, args)
         space = {"spec": tune.grid_search(specs), "sweep_dir": str(sweep_dir.resolve()),
                  "cpus": args.cpus_per_trial, "gpus": args.gpus_per_trial}
         resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
@@ -530,12 +600,32 @@ def write_curves_csv(path, groups):
     utils.write_text(path, "\n".join(lines) + "\n")
 
 
+SPEC_KEYS = {"name": str, "script": str, "path": str, "rule": str, "variant": str,
+             "seed": (int, str), "flags": list}  # a grid's seeds are its --grid values
+
+
 def read_manifest(sweep_dir):
+    """sweep.json of a sweep folder, checked: every run spec with its keys."""
     path = Path(sweep_dir) / "sweep.json"
     if not path.is_file():
         raise UsageError(f"{sweep_dir} holds no sweep.json: give a folder written by "
                          "sweep.py (its --sweep_dir)")
-    return json.loads(path.read_text())
+    advice = "it lists the sweep's runs: restore it, or start the sweep in a new --sweep_dir"
+    manifest = read_json(path, advice)
+    runs = manifest.get("runs") if isinstance(manifest, dict) else None
+    problem = None
+    if not isinstance(runs, list) or not isinstance(manifest.get("commands"), list):
+        problem = "no list of runs and commands"
+    else:
+        for spec in runs:
+            bad = [key for key, kind in SPEC_KEYS.items()
+                   if not isinstance(spec, dict) or not isinstance(spec.get(key), kind)]
+            if bad:
+                problem = f"a run without {', '.join(bad)}"
+                break
+    if problem:
+        raise UsageError(f"{path} is damaged ({problem}); {advice}")
+    return manifest
 
 
 def collect(sweep_dir, out_root=None):
@@ -784,7 +874,10 @@ def build_parser():
         help="CPU cores per run (also its BLAS and torch threads)")
     add("--gpus_per_trial", type=utils.non_negative_float, default=0,
         help="GPUs per run; > 0 adds --device cuda to main_pytorch.py runs")
-    add("--dry_run", action="store_true", help="print the runs and their commands, run none")
+    add("--dry_run", action="store_true",
+        help="print the runs, their commands, where the outputs go and an estimate of the "
+             "time; run none")
+    add("--verbose", action="store_true", help="Ray's and Tune's own messages too")
     add("--collect", metavar="DIR", default=None,
         help="only collect the table of the sweep folder DIR")
     add("--combine", action="store_true",
@@ -793,17 +886,42 @@ def build_parser():
     return parser
 
 
+SIGNALLED = []  # the signals received, for the exit status and the message
+
+
+def interrupt(signum, frame):
+    """SIGTERM and Ctrl-C alike: a KeyboardInterrupt, which Ray and Tune pass on (an
+    exception of our own would surface as a SystemError from inside Ray's C code)."""
+    SIGNALLED.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     own, common = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
         else (argv, [])
     parser = build_parser()
     args = parser.parse_args(own)
-    utils.setup_logging(False)
+    utils.setup_logging(args.verbose)
+    handlers = {signum: signal.signal(signum, interrupt)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         return sweep(args, common, own)
     except UsageError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except OSError as err:
+        where = f" {err.filename}" if err.filename else ""
+        parser.exit(2, f"{parser.prog}: error: cannot write or read{where} "
+                       f"({err.strerror or utils.describe(err)}); choose another folder\n")
+    except KeyboardInterrupt:
+        signum = SIGNALLED[-1] if SIGNALLED else signal.SIGINT
+        name = signal.Signals(signum).name
+        parser.exit(128 + signum, f"{parser.prog}: stopped by {name}, its trials ended; "
+                                       "rerun the same command to resume (finished runs are "
+                                       "kept, the others continue from their last epoch)\n")
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def sweep(args, common, own):
@@ -836,10 +954,18 @@ def sweep(args, common, own):
     differences = differences_from_paper({"paper": args.paper, "runs": specs})
     if args.out:
         refuse_paper_results(Path(args.out), args.paper, differences)
+    check_flags(specs, common)
     if args.dry_run:
         for spec in specs:
             print(f"{spec['name']}: python {spec['script']} {' '.join(spec['flags'])}")
+        out = Path(args.out) if args.out else (
+            PAPER_RESULTS if args.paper and not differences else sweep_dir)
+        print(f"{len(specs)} runs, each in {sweep_dir}/runs/<run>/; the table, curves and "
+              f"figure collected into {out}/<dataset>/")
+        print(time_estimate(specs, sweep_dir, args))
         return 0
+    for spec in specs:
+        read_record(sweep_dir / "runs" / spec["name"])  # a damaged record: now, not after
     write_manifest(sweep_dir, specs, args, own, common)
     tic = time.time()
     run_sweep(specs, sweep_dir, args)
@@ -855,25 +981,99 @@ def sweep(args, common, own):
     return 1 if failed else 0
 
 
+OWN_FLAGS = {"--results_dir": "sweep.py gives each run its folder",
+             "--resume": "sweep.py resumes interrupted runs itself",
+             "--overwrite": "sweep.py never replaces a run's results",
+             "--nested_folder": "sweep.py gives each run its folder",
+             "--seed": "give seeds with --seeds or --grid seed=..."}
+
+
+def check_flags(specs, common):
+    """Every run's flags as its script reads them: a value it would refuse, a flag that
+    sweep.py sets itself or a flag given twice (in --grid and after --) is refused now, in
+    one line, instead of failing every trial."""
+    for flag in common:
+        name = flag.split("=")[0]
+        if name in OWN_FLAGS:
+            raise UsageError(f"{name} after --: {OWN_FLAGS[name]}")
+        if name in ("-h", "--help"):
+            raise UsageError(f"{name} after --: see python {specs[0]['script']} --help")
+    parsers = {}
+    for spec in specs:
+        parser = parsers.setdefault(spec["script"], entry_parser(spec["script"]))
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(errors):
+                parser.parse_args(spec["flags"])
+        except SystemExit:
+            lines = errors.getvalue().strip().splitlines() or ["not a flag of the script"]
+            raise UsageError(f"run {spec['name']}: {lines[-1].split('error: ', 1)[-1]}") \
+                from None
+        dests = {}
+        for flag in spec["flags"]:
+            action = next((a for a in parser._actions if flag in a.option_strings), None)
+            if action and action.dest in dests:
+                raise UsageError(f"run {spec['name']}: {flag} is given twice (in --grid, "
+                                 "after -- or by --epochs / --data_dir); give it once")
+            if action:
+                dests[action.dest] = flag
+
+
+# Seconds per epoch measured here, one core per run, two runs at a time (the tables in
+# results/): the estimate of a dry run for runs that have not started.
+MEASURED_EPOCH_S = {
+    ("numpy", "ERIN", "mn"): 14.6, ("numpy", "BP", "mn"): 13.7, ("numpy", "FA", "mn"): 12.7,
+    ("numpy", "DRTP", "mn"): 10.6, ("numpy", "ERINsign", "mn"): 12.8,
+    ("numpy", "DFA", "mn"): 11.3, ("Net1conv1fcXL", "ERIN", "mn"): 11.4,
+    ("Net1conv1fcXL", "BP", "mn"): 16.8,
+}
+
+
+def time_estimate(specs, sweep_dir, args):
+    """The line a dry run ends with: the wall time left, from the epochs still to train and
+    the time per epoch (the run's own when it has started, else MEASURED_EPOCH_S)."""
+    left, unknown = [], []
+    for spec in specs:
+        epochs = int(flag_value(spec["flags"], ("--train_epochs", "-trep"),
+                                3 if spec["script"] == "main.py" else 100))
+        metrics = read_metrics(sweep_dir / "runs" / spec["name"])
+        done, _ = progress(metrics)
+        times = [t for run in (metrics or {}).get("epoch_time_s", []) for t in run]
+        per_epoch = (float(np.median(times)) if times
+                     else MEASURED_EPOCH_S.get((spec["path"], spec["rule"], code_of(spec))))
+        if per_epoch is None:
+            unknown.append(spec["name"])
+        elif not (metrics or {}).get("status") == "finished":
+            left.append(per_epoch * max(epochs - done, 0))
+    parallel = max(1, (os.cpu_count() or 1) // args.cpus_per_trial) if not args.address else 1
+    text = (f"estimated time: about {sum(left) / parallel / 3600:.1f} h with {parallel} "
+            f"trial{'s' if parallel > 1 else ''} at once (one core each, measured times per "
+            "epoch)")
+    if unknown:
+        text += f"; {len(unknown)} run(s) have no measured time per epoch and are not counted"
+    return text
+
+
 def differences_from_paper(manifest):
-    """How the runs of a --paper sweep differ from the preset's flags ([] when they are the
-    paper's: 100 epochs, the full data, nothing added); --data_dir and --device aside."""
+    """How the runs of a --paper sweep differ from the preset's settings ([] when they are
+    the paper's: 100 epochs, the full data, nothing added); --data_dir and --device aside.
+    Settings are compared as the scripts read them, so "--eta 0.1 --eta 0.01" is --eta 0.01."""
     if not manifest.get("paper"):
         return []
     seeds = 1 + max(spec["seed"] for spec in manifest["runs"])
     expected = {}
     for script, rule, seed, flags in paper_runs(manifest["paper"], seeds, seeds):
         expected[make_spec(script, flags, rule, seed)["name"]] = [*flags, "--seed", str(seed)]
-    found = set()
+    found, parsers = set(), {}
     for spec in manifest["runs"]:
-        flags = without_flags(spec["flags"], ("--data_dir", "--device"))
-        want = expected.get(spec["name"])
-        if want is None:
+        if spec["name"] not in expected:
             found.add(f"{spec['name']} is not a run of the preset")
-        elif flags[:len(want)] != want:
-            found.add(f"{spec['name']} has other flags than the preset's")
-        elif flags[len(want):]:
-            found.add(" ".join(flags[len(want):]))
+            continue
+        parser = parsers.setdefault(spec["script"], entry_parser(spec["script"]))
+        ours, paper = (vars(parser.parse_args(without_flags(flags, ("--data_dir", "--device"))))
+                       for flags in (spec["flags"], expected[spec["name"]]))
+        found.update(f"--{key} {ours[key]} (the paper's: {paper[key]})" for key in ours
+                     if ours[key] != paper[key])
     return sorted(found)
 
 
@@ -911,7 +1111,7 @@ def write_manifest(sweep_dir, specs, args, own, common):
 
 
 def add_to_manifest(path, specs, args, own, common):
-    manifest = json.loads(path.read_text()) if path.is_file() else {"runs": [], "commands": []}
+    manifest = read_manifest(path.parent) if path.is_file() else {"runs": [], "commands": []}
     known = {spec["name"]: spec for spec in manifest["runs"]}
     for spec in specs:
         if spec["name"] in known and known[spec["name"]]["flags"] != spec["flags"]:

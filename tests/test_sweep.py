@@ -81,10 +81,15 @@ def test_a_failing_trial_is_reported_and_the_others_finish(tmp_path, mnist_dir, 
     assert (tmp_path / "mnist" / "table.md").is_file()  # collected from what finished
 
 
+def run_lines(capsys):
+    """The run lines of a dry run's output (name: command)."""
+    return [line for line in capsys.readouterr().out.splitlines() if ": python " in line]
+
+
 def test_dry_run_lists_the_paper_runs(capsys):
     assert sweep.main(["--paper", "mnist", "--seeds", "3", "--other_seeds", "1",
                        "--dry_run"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = run_lines(capsys)
     names = [line.split(":")[0] for line in lines]
     assert names == ["Net1conv1fcXL_ERIN_seed0", "Net1conv1fcXL_ERIN_seed1",
                      "Net1conv1fcXL_ERIN_seed2", "numpy_ERIN_seed0", "numpy_ERIN_seed1",
@@ -99,19 +104,19 @@ def test_dry_run_lists_the_paper_runs(capsys):
 def test_the_cifar10_preset_runs_the_tutorial_net_and_the_conv_net_over_the_seeds(capsys):
     assert sweep.main(["--paper", "cifar10", "--seeds", "3", "--other_seeds", "1",
                        "--dry_run"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = run_lines(capsys)
     names = [line.split(":")[0] for line in lines]
     assert names[:7] == [*(f"NetFC1x1024DOcust_cif_ERIN_seed{s}" for s in range(3)),
                          *(f"Net1conv1fcXL_cif_ERIN_seed{s}" for s in range(3)),
                          "numpy_ERIN_seed0"]
-    assert "--eta 0.01" in lines[6].split("--eta 0.1")[-1]  # the tutorial's eta wins
+    assert "--eta 0.01" in lines[6] and "--eta 0.1 " not in lines[6]  # the tutorial's eta
     assert all("--dataset cif " in line + " " for line in lines)
 
 
 def test_the_rule_of_a_grid_comes_from_the_common_flags(capsys):
     assert sweep.main(["--grid", "eta=0.1,0.01", "--dry_run", "--", "--learn_type", "DRTP",
                        "--sample_passes", "1"]) == 0
-    names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    names = [line.split(":")[0] for line in run_lines(capsys)]
     assert names == ["numpy_DRTP_eta=0.1_seed0", "numpy_DRTP_eta=0.01_seed0"]
 
 
@@ -121,10 +126,18 @@ def test_the_rule_of_a_grid_comes_from_the_common_flags(capsys):
     (["--paper", "mnist", "--grid", "seed=1"], "exclude"),
     (["--paper", "mnist", "--gpus_per_trial", "1"], "CPU only"),
     (["--collect", "/nonexistent"], "sweep.json"),
+    (["--grid", "eta=abc"], "run numpy_ERIN_eta=abc_seed0: argument --eta"),
+    (["--grid", "eta=0.1", "--", "--eta", "0.2"], "--eta is given twice"),
+    (["--epochs", "2", "--", "--train_epochs", "3"], "--train_epochs is given twice"),
+    (["--", "--results_dir", "x"], "sweep.py gives each run its folder"),
+    (["--", "--resume"], "resumes interrupted runs itself"),
+    (["--", "--seed", "3"], "--seeds or --grid seed="),
+    (["--", "--help"], "see python main.py --help"),
+    (["--", "--n_hlayers", "-1"], "argument --n_hlayers"),
 ])
 def test_bad_sweep_flags_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        sweep.main([*argv, "--dry_run"])
+        sweep.main(["--dry_run", *argv])
     assert exit_info.value.code == 2 and words in capsys.readouterr().err
 
 
@@ -253,7 +266,7 @@ def test_the_combined_table_has_every_cell_of_the_paper(tmp_path):
 
 def test_the_followup_preset_lists_depths_configurations_and_time_local(capsys):
     assert sweep.main(["--followup", "cifar10", "--dry_run"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = run_lines(capsys)
     names = [line.split(":")[0] for line in lines]
     assert names == [f"NetFC_{label}_depth{d}_seed0" for label in
                      ("PEPITA-WD-WM", "PEPITA-WD", "PEPITA") for d in (3, 2, 1)] + \
@@ -265,3 +278,129 @@ def test_the_followup_preset_lists_depths_configurations_and_time_local(capsys):
     assert "--weight_decay 1e-4" in lines[3] and "--mirror" not in lines[3]
     assert "--weight_decay" not in lines[6] and "--pepita_mode modulated" in lines[6]
     assert "--pepita_mode time_local" in lines[-1]
+
+
+def test_a_dry_run_says_where_the_outputs_go_and_how_long_it_takes(tmp_path, capsys):
+    assert sweep.main(["--paper", "mnist", "--seeds", "3", "--other_seeds", "1",
+                       "--sweep_dir", str(tmp_path), "--dry_run"]) == 0
+    tail = capsys.readouterr().out.splitlines()[-2:]
+    assert tail[0] == (f"12 runs, each in {tmp_path}/runs/<run>/; the table, curves and figure "
+                       f"collected into {sweep.PAPER_RESULTS}/<dataset>/")
+    seconds = 100 * (3 * 11.4 + 3 * 14.6 + 16.8 + 13.7 + 12.7 + 10.6 + 12.8 + 11.3)
+    parallel = os.cpu_count()
+    assert tail[1] == (f"estimated time: about {seconds / parallel / 3600:.1f} h with "
+                       f"{parallel} trials at once (one core each, measured times per epoch)")
+
+
+def damaged_sweep_folder(tmp_path, case):
+    folder = tmp_path / case.replace(" ", "_")
+    prepared_paper_sweep(folder, ["--paper", "mnist", "--epochs", "1"])
+    manifest = folder / "sweep.json"
+    if case == "cut manifest":
+        manifest.write_text(manifest.read_text()[:40])
+    elif case == "a list as manifest":
+        manifest.write_text("[1, 2]")
+    elif case == "runs without keys":
+        manifest.write_text(json.dumps({"runs": [{"name": "x"}], "commands": []}))
+    elif case == "cut trial record":
+        (folder / "runs" / "numpy_ERIN_seed0" / "trial.json").write_text('{"name": ')
+    return folder
+
+
+@pytest.mark.parametrize("case,words", [
+    ("cut manifest", "sweep.json is damaged"),
+    ("a list as manifest", "sweep.json is damaged (no list of runs and commands)"),
+    ("runs without keys", "sweep.json is damaged (a run without script"),
+    ("cut trial record", "trial.json is damaged"),
+])
+def test_damaged_sweep_records_are_one_line(tmp_path, capsys, paper_results, case, words):
+    folder = damaged_sweep_folder(tmp_path, case)
+    for argv in (["--collect", str(folder)],
+                 ["--paper", "mnist", "--epochs", "1", "--sweep_dir", str(folder)]):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_folders_under_a_plain_file_are_one_line(tmp_path, capsys, paper_results):
+    (tmp_path / "file").write_text("")
+    sweep_dir = tmp_path / "sweep"
+    prepared_paper_sweep(sweep_dir, ["--paper", "mnist", "--epochs", "1"])
+    for argv in (["--collect", str(sweep_dir), "--out", str(tmp_path / "file" / "x")],
+                 ["--grid", "eta=0.1", "--sweep_dir", str(tmp_path / "file" / "x"), "--",
+                  *SMALL]):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Not a directory" in err and \
+            err.count("\n") == 1, err
+
+
+def run_sweep_process(argv, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_an_unreachable_address_fails_fast_in_one_line(tmp_path, mnist_dir):
+    tic = time.time()
+    done = run_sweep_process(grid_argv(tmp_path, mnist_dir, "--address", "127.0.0.1:1"))
+    assert done.returncode == 2 and time.time() - tic < 30
+    assert done.stderr.strip().splitlines() == [
+        "sweep.py: error: --address 127.0.0.1:1: no Ray cluster answers there (Connection "
+        "refused); start one with 'ray start --head', or leave out --address to run on this "
+        "machine"]
+
+
+def test_more_cores_per_trial_than_the_machine_has_are_refused(tmp_path, mnist_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(grid_argv(tmp_path, mnist_dir, "--cpus_per_trial", str(os.cpu_count() + 1)))
+    assert exit_info.value.code == 2 and "ask for at most" in capsys.readouterr().err
+
+
+def wait_for(condition, seconds=120):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def training_processes(sweep_dir):
+    found = subprocess.run(["pgrep", "-f", f"results_dir {sweep_dir.resolve()}/runs"],
+                           capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_sweep_ends_its_trials_and_gives_our_advice(tmp_path, mnist_4k, signum):
+    argv = long_argv(tmp_path / "s", mnist_4k)
+    process = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), *argv], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: training_processes(tmp_path / "s"))
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum
+    assert err.strip().splitlines()[-1].startswith(
+        f"sweep.py: stopped by {signal.Signals(signum).name}, its trials ended; rerun the "
+        "same command to resume")
+    assert "Traceback" not in err and "Tuner.restore" not in err + out
+    assert "Token authentication" not in err and "View detailed results" not in err + out
+    wait_for(lambda: not training_processes(tmp_path / "s"), 20)
+
+
+def test_a_trial_ended_by_a_signal_says_so(tmp_path, mnist_4k):
+    argv = long_argv(tmp_path / "s", mnist_4k)
+    process = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), *argv], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = wait_for(lambda: training_processes(tmp_path / "s"))[0]
+    os.kill(pid, signal.SIGKILL)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err
+    records = [json.loads(p.read_text()) for p in (tmp_path / "s").glob("runs/*/trial.json")]
+    killed = [r for r in records if r["returncode"] == -signal.SIGKILL]
+    assert len(killed) == 1 and killed[0]["message"].startswith("ended by SIGKILL")
+    assert err.strip().splitlines()[-1].endswith(
+        f"table, curves and figure in {tmp_path / 's' / 'mnist'}")
