@@ -178,10 +178,12 @@ def decay_epochs(args, code):
 # ------------------------------------------------------------------------------------------
 # Data: each dataset held in memory as one float tensor scaled like ToTensor
 # ------------------------------------------------------------------------------------------
-def load_tensors(code, data_dir, device, n_samples="all", data_rng=None):
+def load_tensors(code, data_dir, device, n_samples="all", data_rng=None,
+                 data_flag="--data_dir"):
     """Train and test images (N, C, H, W) in [0, 1] and labels, on device; n_samples: see
-    utils.sample_slice (data_rng picks the slice)."""
-    x_train, y_train, x_test, y_test = utils.load_dataset(code, data_dir, "torchvision")
+    utils.sample_slice (data_rng picks the slice); data_flag: see utils.load_dataset."""
+    x_train, y_train, x_test, y_test = utils.load_dataset(code, data_dir, "torchvision",
+                                                          data_flag)
     (x_train, y_train), (x_test, y_test) = utils.sample_slice(
         data_rng, n_samples, (x_train, y_train), (x_test, y_test))
 

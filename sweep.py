@@ -770,9 +770,9 @@ def final_accuracies(folder):
         code = codes.get(csv_path.relative_to(folder).parts[0])
         if code is None:
             continue
-        for line in csv_path.read_text().splitlines()[1:]:
-            rule, path, variant, seed, _, _, test = line.split(",")
-            finals.setdefault((code, rule, path, variant), {})[seed] = float(test)
+        for (rule, path, variant), by_seed in utils.read_curves_csv(csv_path).items():
+            finals.setdefault((code, rule, path, variant), {}).update(
+                (seed, curve[-1]) for seed, curve in by_seed.items())
     return finals
 
 

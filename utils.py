@@ -294,6 +294,22 @@ def _download_keras(code):
 
 
 def _download_torchvision(code, root):
+    """Download into root; a failed download leaves no empty folders behind."""
+    root = Path(root)
+    existed = root.exists()
+    try:
+        return _torchvision_files(code, root)
+    except BaseException:
+        if not existed and root.is_dir():
+            for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+            if not any(root.iterdir()):
+                root.rmdir()
+        raise
+
+
+def _torchvision_files(code, root):
     import torchvision.datasets as tvd
     if code == "emn":
         for train in (True, False):
@@ -307,11 +323,12 @@ def _download_torchvision(code, root):
     return load_local(code, root)
 
 
-def load_dataset(code, data_dir=None, downloader="keras"):
+def load_dataset(code, data_dir=None, downloader="keras", data_flag="--data_dir"):
     """Load a dataset as uint8 images (N, H, W, C) and integer labels (N,).
 
     Looks in data_dir (or $PEPITA_DATA_DIR) first and never downloads when one is given;
     otherwise downloads through keras.datasets ("keras") or torchvision ("torchvision").
+    data_flag: how the user gives data_dir, for the messages (a notebook: its parameter).
     """
     if code not in DATASETS:
         raise UsageError(f"unknown dataset {code!r}; choose one of {', '.join(DATASETS)}")
@@ -323,7 +340,7 @@ def load_dataset(code, data_dir=None, downloader="keras"):
             raise DatasetError(f"{spec['name']} not found in {data_dir}: expected "
                                f"{_expected_files(code)} there or in one of its sub-folders "
                                f"{', '.join(spec['dirs'])}; copy them there, or drop "
-                               f"--data_dir/{DATA_DIR_ENV} to download")
+                               f"{data_flag}/${DATA_DIR_ENV} to download")
     else:
         try:
             arrays = (_download_keras(code) if downloader == "keras" else
@@ -331,7 +348,7 @@ def load_dataset(code, data_dir=None, downloader="keras"):
         except Exception as err:  # any download failure becomes one clear message
             raise DatasetError(f"could not download {spec['name']} ({describe(err)}); "
                                f"offline, put {_expected_files(code)} in a folder and pass "
-                               f"it as --data_dir or {DATA_DIR_ENV}") from None
+                               f"it as {data_flag} or ${DATA_DIR_ENV}") from None
     return _check_arrays(code, *arrays)
 
 
@@ -843,6 +860,42 @@ def compute_slowness(test_curve, fit_epochs=None, in100=False, n_classes=10, ax=
         ax.legend()
     return {"slowness": float(slowness), "acc_max": acc_max, "epochs": epochs,
             "curve": points, "fit": fitted}
+
+
+def find_test_curves(sources):
+    """{label: test curves (runs x epochs, fractions)} from each source: a results folder
+    (metrics.json), a sweep folder (its runs/*/res_*/), or a collected folder (curves.csv,
+    one label per rule, path and variant)."""
+    found = {}
+    for source in map(Path, sources):
+        if (source / "metrics.json").is_file():
+            found[source.name] = load_test_curves(source)
+        elif (source / "curves.csv").is_file():
+            for (rule, path, variant), by_seed in read_curves_csv(source / "curves.csv").items():
+                label = " ".join(filter(None, ["PEPITA" if rule == "ERIN" else rule, path,
+                                               variant]))
+                length = min(map(len, by_seed.values()))
+                found[f"{source.name}: {label}"] = np.array(
+                    [curve[:length] for curve in by_seed.values()]) / 100
+        elif (source / "runs").is_dir():
+            found.update((f"{source.name}: {run.parent.name}", load_test_curves(run))
+                         for run in sorted((source / "runs").glob("*/res_*"))
+                         if (run / "metrics.json").is_file())
+        else:
+            raise FileNotFoundError(f"{source} holds no metrics.json, curves.csv or runs/: "
+                                    "give a results, sweep or collected folder")
+    return found
+
+
+def read_curves_csv(path):
+    """A curves.csv collected by sweep.py as {(rule, path, variant): {seed: test curve
+    (%)}}."""
+    curves = {}
+    for line in Path(path).read_text().splitlines()[1:]:
+        rule, path_label, variant, seed, _, _, test = line.split(",")
+        curves.setdefault((rule, path_label, variant), {}).setdefault(seed, []).append(
+            float(test))
+    return curves
 
 
 def load_test_curves(folder):

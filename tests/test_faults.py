@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -525,3 +526,22 @@ def test_a_failed_download_names_its_cause(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(utils, "_download_keras", offline)
     code, line = exit_status(main.main, NUMPY_JOB, "", tmp_path / "r", capsys)
     assert code == 2 and "name resolution" in line and "--data_dir" in line
+
+
+def test_a_failed_torchvision_download_leaves_no_empty_folder(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def offline(root, train, download):  # torchvision makes its folders, then fails
+        (Path(root) / "cifar-10-batches-py").mkdir(parents=True, exist_ok=True)
+        raise ConnectionError("Temporary failure in name resolution")
+
+    monkeypatch.delenv(utils.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(tvd, "CIFAR10", offline)
+    with pytest.raises(utils.DatasetError, match="pass it as DATA_DIR or"):
+        utils.load_dataset("cif", None, "torchvision", data_flag="DATA_DIR")
+    assert not (tmp_path / ".cache" / "pepita").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ConnectionError):
+        utils._download_torchvision("cif", tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir()  # a folder that was there before stays

@@ -1,12 +1,15 @@
 """Both notebooks run top to bottom (nbclient) with a short parameter cell; the slowness
 function reproduces the published fit."""
 import re
+import subprocess
+import sys
 
 import nbformat
 import numpy as np
 import pytest
 from conftest import ROOT
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 import main
 import main_pytorch
@@ -17,13 +20,14 @@ TUTORIAL = NOTEBOOKS / "Tutorial_PEPITA_FullyConnectedNets_CIFAR-10.ipynb"
 SLOWNESS = NOTEBOOKS / "plot_compute_slowness.ipynb"
 
 
-def execute(path, **parameters):
-    """Run the notebook with its "parameters" cell replaced; returns the executed cells."""
+def execute(path, cwd=NOTEBOOKS, **parameters):
+    """Run the notebook in cwd with the given values after its "parameters" cell's own (as
+    papermill does); returns the executed cells."""
     notebook = nbformat.read(path, as_version=4)
     cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
-    cell.source = "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
+    cell.source += "".join(f"\n{name} = {value!r}" for name, value in parameters.items())
     NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+                   resources={"metadata": {"path": str(cwd)}}).execute()
     return notebook.cells
 
 
@@ -49,6 +53,7 @@ def test_tutorial_learns_real_mnist(real_mnist):
                     SEED=0, STEP="project")
     accuracy = float(re.search(r"final test accuracy: ([\d.]+)%", text_output(cells[-1]))[1])
     assert accuracy > 80  # chance is 10%
+    assert "MNIST: 98.01" in text_output(cells[-1]) and "CIFAR" not in text_output(cells[-1])
 
 
 def test_slowness_notebook_compares_result_folders(tmp_path, mnist_dir):
@@ -61,6 +66,51 @@ def test_slowness_notebook_compares_result_folders(tmp_path, mnist_dir):
     cells = execute(SLOWNESS, RESULT_FOLDERS=folders, FIT_EPOCHS=60, N_CLASSES=10)
     lines = text_output(cells[-1]).strip().splitlines()
     assert len(lines) == 2 and all("slowness" in line for line in lines)
+
+
+def test_the_tutorial_says_in_notebook_words_where_the_data_is_missing(tmp_path):
+    with pytest.raises(CellExecutionError) as error:
+        execute(TUTORIAL, EPOCHS=1, DATASET="cif", DATA_DIR=str(tmp_path), DEVICE="cpu")
+    message = error.value.evalue  # the exception's own text, without the traceback
+    assert "or drop DATA_DIR/$PEPITA_DATA_DIR to download" in message
+    assert "--data_dir" not in message
+
+
+def test_slowness_notebook_reads_sweeps_and_collected_curves_from_the_repository_root(
+        tmp_path, mnist_dir):
+    common = ["--data_dir", str(mnist_dir), "--seed", "0", "--start_size", "32",
+              "--n_hlayers", "1", "--validation"]
+    main.main(["--train_epochs", "1", "--results_dir", str(tmp_path / "short"), *common])
+    for name in ("a", "b"):
+        main.main(["--train_epochs", "3", "--exp_name", name, "--results_dir",
+                   str(tmp_path / "sweep" / "runs" / name), *common])
+    short = next((tmp_path / "short").iterdir())
+    sources = [str(short), str(tmp_path / "sweep"), str(ROOT / "results" / "paper" / "mnist")]
+    cells = execute(SLOWNESS, cwd=ROOT, RESULT_FOLDERS=sources, FIT_EPOCHS=60)
+    printed = text_output(cells[2])
+    assert f"skipped {short.name}: 1 epoch, a fit needs at least 2" in printed
+    fits = text_output(cells[-1]).strip().splitlines()
+    assert [line.split(":")[0] for line in fits[:2]] == ["sweep", "sweep"]
+    assert any(line.startswith("mnist: PEPITA numpy: slowness 0.05") for line in fits)
+    assert len(fits) == 2 + 8  # the sweep's 2 runs and the 8 rows of the MNIST table
+
+
+@pytest.mark.parametrize("notebook", [TUTORIAL, SLOWNESS])
+def test_notebooks_run_headless_with_papermill_parameters(tmp_path, cifar_dir, notebook):
+    out = tmp_path / "out.ipynb"
+    parameters = (["-p", "EPOCHS", "2", "-p", "DATA_DIR", str(cifar_dir), "-p", "DEVICE",
+                   "cpu"] if notebook == TUTORIAL else
+                  ["-y", "RESULT_FOLDERS: [results/paper/mnist]", "-p", "FIT_EPOCHS", "20"])
+    done = subprocess.run([sys.executable, "-m", "papermill", str(notebook), str(out),
+                           *parameters, "--cwd", str(ROOT)], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cells = nbformat.read(out, as_version=4).cells
+    last = text_output(cells[-1])
+    if notebook == TUTORIAL:
+        assert "after 2 epoch(s) (the paper, 100 epochs, CIFAR-10: 52.57" in last
+    else:
+        assert "mnist: PEPITA numpy: slowness" in last
 
 
 def test_slowness_matches_the_published_procedure():

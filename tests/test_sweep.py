@@ -70,14 +70,15 @@ def test_two_rules_two_seeds_collect_the_runs_own_numbers(tmp_path, mnist_dir, e
 def test_a_failing_trial_is_reported_and_the_others_finish(tmp_path, mnist_dir, embedded_ray,
                                                            caplog):
     caplog.set_level(logging.INFO, logger="pepita")
-    argv = ["--script", "main.py", "--grid", "eta=0.01,-1", "--epochs", "1", "--sweep_dir",
-            str(tmp_path), "--data_dir", str(mnist_dir), "--", *SMALL]
-    assert sweep.main(argv) == 1  # one run failed
-    record = json.loads((tmp_path / "runs" / "numpy_ERIN_eta=-1_seed0" / "trial.json")
-                        .read_text())
-    assert record["returncode"] == 2 and "--eta" in record["message"]
-    assert "FAILED" in caplog.text and "--eta" in caplog.text
-    assert list(final_tests(tmp_path)) == ["numpy_ERIN_eta=0.01_seed0"]
+    small = [flag for flag in SMALL if flag not in ("--n_samples", "300")]
+    argv = ["--script", "main.py", "--grid", "n_samples=300,100000", "--epochs", "1",
+            "--sweep_dir", str(tmp_path), "--data_dir", str(mnist_dir), "--", *small]
+    assert sweep.main(argv) == 1  # one run failed: the data has no 100000 images
+    record = json.loads((tmp_path / "runs" / "numpy_ERIN_n_samples=100000_seed0" /
+                         "trial.json").read_text())
+    assert record["returncode"] == 2 and "exceeds" in record["message"]
+    assert "FAILED" in caplog.text and "exceeds" in caplog.text
+    assert list(final_tests(tmp_path)) == ["numpy_ERIN_n_samples=300_seed0"]
     assert (tmp_path / "mnist" / "table.md").is_file()  # collected from what finished
 
 
