@@ -221,6 +221,38 @@ def test_bp_deltas_equal_finite_difference_gradient():
         np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-7)
 
 
+def published_bp_deltas(weights, x, t, masks):
+    """BP's deltas of one sample in the published order: the whole backward chain first,
+    unmasked, then each hidden delta multiplied by its mask."""
+    pre, post = sample_forward(weights, x, masks)
+    chain = [post[-1] - t]
+    for layer in reversed(range(len(weights) - 1)):
+        chain.insert(0, (weights[layer + 1].T @ chain[0]) * act_derivative(ACTS[layer],
+                                                                           pre[layer]))
+    return [d * m for d, m in zip(chain[:-1], masks)] + [chain[-1]]
+
+
+def test_bp_masks_each_delta_inside_the_chain_unlike_the_published_code():
+    """Two hidden layers: ours (the masked net's true gradient, pinned by the finite-
+    difference test above) differs from the published order when the second hidden layer
+    drops units (the published chain carries its dropped units down to the first), and
+    equals it when only the first hidden layer drops units, as with one hidden layer."""
+    rng = np.random.default_rng(3)
+    model = fn.init_model(rng, "BP", SIZES, ACTS, "he_uniform", 0.8)
+    x, t = rng.random((6, SIZES[0])), np.eye(SIZES[-1])[rng.integers(0, SIZES[-1], 6)]
+    masks = fn.draw_masks(rng, model, 6)
+    for second_layer_kept in (False, True):
+        if second_layer_kept:
+            masks[1][:] = 1.0
+        ours = [delta for delta, _ in fn.error_factors(model, x, t, masks, "BP")[0]]
+        published = [np.array(d) for d in zip(*(
+            published_bp_deltas(model.weights, x[i], t[i], [m[i] for m in masks])
+            for i in range(len(x))))]
+        for layer in (1, 2):  # the output and the second hidden layer agree always
+            np.testing.assert_allclose(ours[layer], published[layer], rtol=1e-12, atol=1e-14)
+        assert np.allclose(ours[0], published[0], rtol=1e-12, atol=1e-14) == second_layer_kept
+
+
 # ---- the updates' BLAS calls and the lazily scaled momentum velocity ----------------------
 @pytest.mark.skipif(fn.BLAS is None, reason="this numpy does not bundle scipy-openblas")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
