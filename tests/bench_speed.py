@@ -245,13 +245,15 @@ def project_epoch(model_name, x, y, x_test, y_test, batch_size):
     weights = [layer.weight for layer in model.layers]
     optimizer = models.make_optimizer("mom", "ERIN", weights, 0.01)
     args = SimpleNamespace(learn_type="ERIN", batch_size=batch_size, dropout=0.9, eta=0.01,
-                           sqrt_conv=False)
+                           sqrt_conv=False, mirror=False, pepita_mode="published",
+                           followup_loop=False)
+    feedback = models.Feedback([B])
     generators = (torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     progress = SimpleNamespace(update=lambda n: None)
 
     def epoch():
-        main_pytorch.train_epoch(args, model, optimizer, B, (x, y), generators, 10, progress,
-                                 "bench")
+        main_pytorch.train_epoch(args, model, optimizer, feedback, (x, y), generators, 10, 0,
+                                 progress, "bench")
         main_pytorch.accuracy(model, x_test, y_test)
 
     return epoch
