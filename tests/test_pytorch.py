@@ -250,7 +250,7 @@ def test_same_seed_same_results(tmp_path, mnist_dir):
     (["--sqrt_conv", "--model", "NetFC1x1024DOcust", "--dataset", "mn"], "conv model"),
     (["--dropout", "-0.1"], "KEEP probability"),
     (["--train_epochs", "0"], "positive integer"),
-    (["--decay_scheme", "2"], "invalid choice"),
+    (["--decay_scheme", "3"], "invalid choice"),
 ])
 def test_pytorch_bad_input(tmp_path, mnist_dir, cifar_dir, capsys, flags, message):
     data = cifar_dir if "cif" in flags else mnist_dir
