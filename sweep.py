@@ -723,8 +723,8 @@ def plot_comparison(path, curves, title):
             ax.plot(epochs, mean, color=color, marker="." if len(epochs) < 30 else None,
                     label=label if ax is axes[0] else None)
             ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2)
-    low = min(means[label][-1] for label in top) - 1.0
     high = max(means[label].max() for label in top) + 0.3
+    low = min(min(means[label][-1] for label in top) - 1.0, high - ZOOM_POINTS)
     axes[1].set_ylim(low, high)
     axes[0].set_title(title)
     axes[1].set_title(f"zoom: the rules within {ZOOM_POINTS:g} points of the best")
