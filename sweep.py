@@ -265,10 +265,10 @@ def read_record(run_dir):
     path = Path(run_dir) / "trial.json"
     if not path.is_file():
         return {}
-    record = read_json(path, "delete it: the sweep writes it again when it reruns the trial")
+    advice = "delete it: the sweep writes it again when it reruns the trial"
+    record = read_json(path, advice)
     if not isinstance(record, dict):
-        raise UsageError(f"{path} is damaged (not a trial record); delete it: the sweep "
-                         "writes it again when it reruns the trial")
+        raise UsageError(f"{path} is damaged (not a trial record); {advice}")
     return record
 
 
@@ -347,15 +347,15 @@ def trial(config):
                 reported = epochs
                 tune.report({"epoch": epochs, "test_acc": acc, "state": how})
     record.update(returncode=child.returncode, wall_s=time.time() - record["started"])
-    if child.returncode != 0:
+    if child.returncode < 0:  # the log's last line is only its progress then
+        record["message"] = (f"ended by {signal.Signals(-child.returncode).name} (not by an "
+                             "error of its own); rerun the sweep to resume it")
+    elif child.returncode != 0:
         with open(log_path, "rb") as f:
             f.seek(offset)
             lines = [line for line in f.read().decode(errors="replace").splitlines()
                      if line.strip()]
         record["message"] = lines[-1] if lines else f"exit status {child.returncode}"
-        if child.returncode < 0:  # the log's last line is only its progress then
-            record["message"] = (f"ended by {signal.Signals(-child.returncode).name} (not by "
-                                 "an error of its own); rerun the sweep to resume it")
     utils.write_json(run_dir / "trial.json", record)
     epochs, acc = progress(read_metrics(run_dir))
     if child.returncode != 0:  # reported, not raised: one line instead of Ray's traceback
@@ -543,7 +543,7 @@ def table_rows(groups):
         distance = (np.mean(finals) - paper[0]) / paper[1] if paper else None
         angles = [r["angle"] for r in runs if r["angle"] is not None]
         rows.append({
-            "rule": "PEPITA" if rule == "ERIN" else rule, "path": path, "variant": variant,
+            "rule": utils.run_label(rule), "path": path, "variant": variant,
             "seeds": len(runs), "mean": float(np.mean(finals)), "std": float(np.std(finals)),
             "paper": paper, "distance": distance,
             "slowness": fit["slowness"] if fit else None,
@@ -635,9 +635,7 @@ def collect(sweep_dir, out_root=None):
     sweep_dir = Path(sweep_dir)
     manifest = read_manifest(sweep_dir)
     differences = differences_from_paper(manifest)
-    out_root = Path(out_root or (PAPER_RESULTS if manifest.get("paper") and not differences
-                                 else sweep_dir))
-    refuse_paper_results(out_root, manifest.get("paper"), differences)
+    out_root = collection_root(out_root, manifest.get("paper"), differences, sweep_dir)
     groups = group_runs(manifest, sweep_dir)
     if not groups:
         raise UsageError(f"{sweep_dir}: no run has finished yet; run the sweep first")
@@ -653,9 +651,7 @@ def collect(sweep_dir, out_root=None):
     for (path, rule, variant), runs in groups.items():
         length = min(len(r["test"]) for r in runs)
         if length:
-            label = " ".join(filter(None, ["PEPITA" if rule == "ERIN" else rule, path,
-                                           variant]))
-            curves[label] = [r["test"][:length] for r in runs]
+            curves[utils.run_label(rule, path, variant)] = [r["test"][:length] for r in runs]
     plot_comparison(out / "test_curves.png", curves,
                     f"{', '.join(DATASET_NAMES.get(c, c) for c in codes)}: test accuracy, "
                     "mean ± std over seeds")
@@ -673,6 +669,15 @@ def collect(sweep_dir, out_root=None):
         "- `test_curves.png`: mean test curve per rule, with a band of ± one std; the right "
         "panel zooms on the rules near the best.\n"))
     return rows, out
+
+
+def collection_root(out, preset, differences, sweep_dir):
+    """Where a sweep's tables go: --out when given (never results/paper for a sweep without
+    the paper's settings), else results/paper for a paper-settings sweep, else its folder."""
+    if out:
+        refuse_paper_results(out, preset, differences)
+        return Path(out)
+    return PAPER_RESULTS if preset and not differences else Path(sweep_dir)
 
 
 def collection_notes(manifest, differences):
@@ -810,7 +815,7 @@ def combined_table(folder=PAPER_RESULTS):
                        if c == code and r == rule and net_kind(path) == kind]
             cells.append(table_cell(entries, PAPER_TABLE[code][kind].get(rule),
                                     NOT_RUN.get(code, "not run yet")))
-        lines.append(f"| {'PEPITA' if rule == 'ERIN' else rule} | " + " | ".join(cells) + " |")
+        lines.append(f"| {utils.run_label(rule)} | " + " | ".join(cells) + " |")
     folders = sorted({p.parent.relative_to(folder).as_posix()
                       for p in Path(folder).glob("*/**/curves.csv")})
     text = (
@@ -952,16 +957,13 @@ def sweep(args, common, own):
         f"paper_{args.paper}" if args.paper else
         f"followup_{args.followup}" if args.followup else "grid"))
     differences = differences_from_paper({"paper": args.paper, "runs": specs})
-    if args.out:
-        refuse_paper_results(Path(args.out), args.paper, differences)
+    out_root = collection_root(args.out, args.paper, differences, sweep_dir)
     check_flags(specs, common)
     if args.dry_run:
         for spec in specs:
             print(f"{spec['name']}: python {spec['script']} {' '.join(spec['flags'])}")
-        out = Path(args.out) if args.out else (
-            PAPER_RESULTS if args.paper and not differences else sweep_dir)
         print(f"{len(specs)} runs, each in {sweep_dir}/runs/<run>/; the table, curves and "
-              f"figure collected into {out}/<dataset>/")
+              f"figure collected into {out_root}/<dataset>/")
         print(time_estimate(specs, sweep_dir, args))
         return 0
     for spec in specs:
@@ -1011,7 +1013,7 @@ def check_flags(specs, common):
                 from None
         dests = {}
         for flag in spec["flags"]:
-            action = next((a for a in parser._actions if flag in a.option_strings), None)
+            action = parser._option_string_actions.get(flag)
             if action and action.dest in dests:
                 raise UsageError(f"run {spec['name']}: {flag} is given twice (in --grid, "
                                  "after -- or by --epochs / --data_dir); give it once")
@@ -1043,7 +1045,7 @@ def time_estimate(specs, sweep_dir, args):
                      else MEASURED_EPOCH_S.get((spec["path"], spec["rule"], code_of(spec))))
         if per_epoch is None:
             unknown.append(spec["name"])
-        elif not (metrics or {}).get("status") == "finished":
+        elif (metrics or {}).get("status") != "finished":
             left.append(per_epoch * max(epochs - done, 0))
     parallel = max(1, (os.cpu_count() or 1) // args.cpus_per_trial) if not args.address else 1
     text = (f"estimated time: about {sum(left) / parallel / 3600:.1f} h with {parallel} "
@@ -1094,11 +1096,13 @@ def refuse_paper_results(out_root, preset, differences):
     """results/paper is the repository's measured table: only sweeps with the paper's
     settings may write there."""
     out_root = Path(out_root).resolve()
-    if (out_root == PAPER_RESULTS or PAPER_RESULTS in out_root.parents) and (not preset or differences):
+    inside = out_root == PAPER_RESULTS or PAPER_RESULTS in out_root.parents
+    if inside and (not preset or differences):
         why = "; ".join(differences) if differences else "not a --paper sweep"
         raise UsageError(f"{display_path(str(PAPER_RESULTS))} holds the paper's measured "
-                         f"results; this sweep differs from the paper's settings ({why}): leave out "
-                         "--out (it then collects into its own --sweep_dir) or choose another")
+                         f"results; this sweep differs from the paper's settings ({why}): "
+                         "leave out --out (it then collects into its own --sweep_dir) or "
+                         "choose another")
 
 
 def write_manifest(sweep_dir, specs, args, own, common):

@@ -863,6 +863,11 @@ def compute_slowness(test_curve, fit_epochs=None, in100=False, n_classes=10, ax=
             "curve": points, "fit": fitted}
 
 
+def run_label(rule, *parts):
+    """A curve's label: the rule by the paper's name (PEPITA for ERIN), then path, variant."""
+    return " ".join(filter(None, ["PEPITA" if rule == "ERIN" else rule, *parts]))
+
+
 def find_test_curves(sources):
     """{label: test curves (runs x epochs, fractions)} from each source: a results folder
     (metrics.json), a sweep folder (its runs/*/res_*/), or a collected folder (curves.csv,
@@ -873,8 +878,7 @@ def find_test_curves(sources):
             found[source.name] = load_test_curves(source)
         elif (source / "curves.csv").is_file():
             for (rule, path, variant), by_seed in read_curves_csv(source / "curves.csv").items():
-                label = " ".join(filter(None, ["PEPITA" if rule == "ERIN" else rule, path,
-                                               variant]))
+                label = run_label(rule, path, variant)
                 length = min(map(len, by_seed.values()))
                 found[f"{source.name}: {label}"] = np.array(
                     [curve[:length] for curve in by_seed.values()]) / 100
