@@ -19,6 +19,7 @@ table.md, curves.csv, test_curves.png and README.md of a sweep folder (see READM
 import contextlib
 import ctypes
 import fcntl
+import fnmatch
 import hashlib
 import io
 import itertools
@@ -236,11 +237,24 @@ def build_runs(args, common):
                 flags[flags.index("--train_epochs") + 1] = str(args.epochs)
             else:
                 flags += ["--train_epochs", str(args.epochs)]
+    if args.only:
+        specs = only_runs(specs, args.only)
     names = [spec["name"] for spec in specs]
     if len(set(names)) != len(names):
         raise UsageError("two runs of the grid have the same settings; remove the repeated "
                          "--grid values")
     return specs
+
+
+def only_runs(specs, only):
+    """The specs whose names match one of the comma-separated patterns of --only."""
+    patterns = [pattern for pattern in only.split(",") if pattern]
+    matches = {p: [s for s in specs if fnmatch.fnmatchcase(s["name"], p)] for p in patterns}
+    unmatched = [pattern for pattern, found in matches.items() if not found]
+    if unmatched or not patterns:
+        raise UsageError(f"--only {only}: {', '.join(unmatched) or 'no name'} matches no run "
+                         "of the sweep; --dry_run lists their names")
+    return [spec for spec in specs if any(spec in found for found in matches.values())]
 
 
 # ------------------------------------------------------------------------------------------
@@ -865,6 +879,9 @@ def build_parser():
              "MNIST or the tutorial's net on CIFAR)")
     add("--other_seeds", type=utils.positive_int, default=None,
         help="with --paper: seeds of the other runs (default: --seeds)")
+    add("--only", default=None, metavar="NAME,...",
+        help="run only these runs of the sweep (names as --dry_run lists them; shell "
+             "patterns such as 'numpy_*' allowed)")
     add("--epochs", type=utils.positive_int, default=None,
         help="training epochs of every run (default: the preset's or the script's)")
     add("--data_dir", default=None, help="dataset folder, passed to every run")
