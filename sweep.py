@@ -602,8 +602,9 @@ def format_distance(distance):
     return f"{distance:+.1f}" + (" **(> 2)**" if abs(distance) > 2 else "")
 
 
-def write_curves_csv(path, groups):
-    lines = ["rule,path,variant,seed,epoch,train_acc_percent,test_acc_percent"]
+def write_curves_csv(path, groups, kept=()):
+    """Every run's curves, after the kept lines of an earlier collect."""
+    lines = ["rule,path,variant,seed,epoch,train_acc_percent,test_acc_percent", *kept]
     for (path_label_, rule, variant), runs in groups.items():
         for run in runs:
             for epoch, test in enumerate(run["test"], start=1):
@@ -645,7 +646,9 @@ def read_manifest(sweep_dir):
 def collect(sweep_dir, out_root=None):
     """Write the table, curves, figure and README of the sweep in sweep_dir into
     out_root/<dataset>/ (default: results/paper for a sweep with the paper's settings, else
-    the sweep folder); returns (rows, folder). Only finished runs count."""
+    the sweep folder); returns (rows, folder). Only finished runs count. What the folder
+    already holds from earlier sweeps stays: a (rule, net) row of this sweep replaces the
+    row of the same rule and net, the others are kept with their curves and commands."""
     sweep_dir = Path(sweep_dir)
     manifest = read_manifest(sweep_dir)
     differences = differences_from_paper(manifest)
@@ -656,25 +659,34 @@ def collect(sweep_dir, out_root=None):
     codes = sorted({run["code"] for runs in groups.values() for run in runs})
     out = out_root / "_".join(DATASET_NAMES.get(c, c) for c in codes)
     out.mkdir(parents=True, exist_ok=True)
-    rows = table_rows(groups)
-    notes = collection_notes(manifest, differences)
+    earlier = read_collection(out)
+    new_rows = table_rows(groups)
+    replaced = {row_key(row) for row in new_rows}
+    rows = [row for row in earlier["rows"] if row_key(row) not in replaced]
+    rows += new_rows
+    notes = list(dict.fromkeys([*earlier["notes"], *collection_notes(manifest, differences)]))
     utils.write_text(out / "table.md", "".join(f"{n}\n\n" for n in notes)
                      + table_markdown(rows))
-    write_curves_csv(out / "curves.csv", groups)
+    kept = [line for line in earlier["curve_lines"]
+            if row_key(dict(zip(("rule", "path", "variant"), line.split(",")[:3])))
+            not in replaced]
+    write_curves_csv(out / "curves.csv", groups, kept)
     curves = {}
-    for (path, rule, variant), runs in groups.items():
-        length = min(len(r["test"]) for r in runs)
+    for (rule, path, variant), by_seed in utils.read_curves_csv(out / "curves.csv").items():
+        length = min(map(len, by_seed.values()))
         if length:
-            curves[utils.run_label(rule, path, variant)] = [r["test"][:length] for r in runs]
+            curves[utils.run_label(rule, path, variant)] = [c[:length] for c in by_seed.values()]
+    names = ", ".join(DATASET_NAMES.get(c, c) for c in codes)
     plot_comparison(out / "test_curves.png", curves,
-                    f"{', '.join(DATASET_NAMES.get(c, c) for c in codes)}: test accuracy, "
-                    "mean ± std over seeds")
-    commands = "\n".join(f"python {display_command(c)}" for c in manifest["commands"])
+                    f"{names}: test accuracy, mean ± std over seeds")
+    commands = [*(f"python {display_command(c)}" for c in manifest["commands"]),
+                f"python sweep.py --collect {display_path(str(sweep_dir.resolve()))}"]
+    commands = "\n".join(dict.fromkeys([*earlier["commands"], *commands]))
     utils.write_text(out / "README.md", (
-        f"# {', '.join(DATASET_NAMES.get(c, c) for c in codes)}: collected by sweep.py\n\n"
+        f"# {names}: collected by sweep.py\n\n"
         + "".join(f"{n}\n\n" for n in notes)
-        + f"Produced by (in the repository root):\n\n```bash\n{commands}\n"
-        f"python sweep.py --collect {display_path(str(sweep_dir.resolve()))}\n```\n\n"
+        + f"Produced by (in the repository root; each --collect adds its sweep's rows to "
+        f"what the folder holds):\n\n```bash\n{commands}\n```\n\n"
         "- `table.md`: per rule and path, the final test accuracy (mean ± std over seeds, "
         "numpy's np.std; one seed: n = 1), the paper's value and the distance in units of "
         "the paper's std (marked beyond 2), the slowness and acc_max of the mean test curve "
@@ -683,6 +695,55 @@ def collect(sweep_dir, out_root=None):
         "- `test_curves.png`: mean test curve per rule, with a band of ± one std; the right "
         "panel zooms on the rules near the best.\n"))
     return rows, out
+
+
+def row_key(row):
+    """A table row's rule (as the paper names it) and net: what a later sweep replaces."""
+    return utils.run_label(row["rule"]), row["path"], row["variant"]
+
+
+def read_collection(out):
+    """What an earlier collect wrote into out: its notes and rows (table.md), its curves'
+    lines (curves.csv) and its commands (README.md); empty where there is none."""
+    found = {"notes": [], "rows": [], "curve_lines": [], "commands": []}
+    if not (out / "table.md").is_file() or not (out / "curves.csv").is_file():
+        return found
+    advice = "restore it from git, or collect into another --out"
+    lines = (out / "table.md").read_text().splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    found["notes"] = [line for line in lines if line.strip() and not line.startswith("|")]
+    try:
+        found["rows"] = [parse_table_row(line, "angle F" in table[0]) for line in table[2:]]
+    except (ValueError, IndexError):
+        raise UsageError(f"{out / 'table.md'} is damaged (not a table of sweep.py); "
+                         f"{advice}") from None
+    found["curve_lines"] = (out / "curves.csv").read_text().splitlines()[1:]
+    readme = out / "README.md"
+    text = readme.read_text() if readme.is_file() else ""
+    if "```bash\n" in text:
+        block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+        found["commands"] = [line for line in block.splitlines() if line.strip()]
+    return found
+
+
+def parse_table_row(line, with_angle):
+    """A row of table_markdown back as table_rows' dict (to the printed precision)."""
+    cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+    rule, label, seeds, epochs, accuracy, paper, distance, slowness, acc_max, epoch_s = \
+        cells[:10]
+    angle = cells[10] if with_angle else "–"
+    mean, _, std = accuracy.partition(" ± ")
+    path, _, variant = label.partition(" ")
+
+    def number(text):
+        return None if text == "–" else float(text.split()[0])
+
+    return {"rule": rule, "path": path, "variant": variant, "seeds": int(seeds),
+            "mean": float(mean.split()[0]), "std": float(std) if std else 0.0,
+            "paper": None if paper == "–" else tuple(map(float, paper.split(" ± "))),
+            "distance": number(distance), "slowness": number(slowness),
+            "acc_max": number(acc_max), "epochs": int(epochs), "epoch_s": float(epoch_s),
+            "angle": number(angle), "machine": cells[-1]}
 
 
 def collection_root(out, preset, differences, sweep_dir):

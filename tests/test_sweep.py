@@ -183,14 +183,14 @@ def test_a_killed_sweep_rerun_retrains_nothing_finished(tmp_path, mnist_4k):
             (tmp_path / "straight" / "mnist" / "curves.csv").read_text())
 
 
-def prepared_paper_sweep(sweep_dir, own, common=()):
-    """A --paper mnist sweep folder as sweep.py writes it, with one numpy PEPITA run finished
-    (its metrics.json as main.py writes it), without running anything."""
+def prepared_paper_sweep(sweep_dir, own, common=(), run="numpy_ERIN_seed0"):
+    """A --paper mnist sweep folder as sweep.py writes it, with one numpy run finished (its
+    metrics.json as main.py writes it), without running anything."""
     args = sweep.build_parser().parse_args(own)
     args.other_seeds = args.other_seeds or args.seeds
     specs = sweep.build_runs(args, list(common))
     sweep.write_manifest(sweep_dir, specs, args, own, list(common))
-    folder = sweep_dir / "runs" / "numpy_ERIN_seed0" / "res_paper"
+    folder = sweep_dir / "runs" / run / "res_paper"
     folder.mkdir(parents=True)
     utils.write_json(folder / "metrics.json", {
         "status": "finished", "test": [[0.9, 0.97]], "train": [[0.8, 0.95]],
@@ -202,7 +202,7 @@ def paper_results(tmp_path, monkeypatch):
     """sweep.PAPER_RESULTS moved to a copy of the committed results/paper."""
     paper = tmp_path / "paper"
     (paper / "mnist").mkdir(parents=True)
-    for name in ("table.md", "curves.csv"):
+    for name in ("table.md", "curves.csv", "README.md"):
         (paper / "mnist" / name).write_bytes((ROOT / "results/paper/mnist" / name).read_bytes())
     monkeypatch.setattr(sweep, "PAPER_RESULTS", paper.resolve())
     return paper
@@ -238,6 +238,40 @@ def test_a_paper_settings_sweep_collects_into_the_paper_results(tmp_path, paper_
     assert not table.startswith("**Not")
     assert "| PEPITA | numpy | 1 | 2 | 97.00 (n = 1) | 98.01 ± 0.09 | -11.2 **(> 2)** |" in table
     assert not (sweep_dir / "mnist").exists()
+
+
+def test_a_second_sweep_adds_its_rows_to_the_collected_ones(tmp_path, paper_results):
+    committed = (paper_results / "mnist" / "table.md").read_text().splitlines()
+    prepared_paper_sweep(tmp_path / "first", ["--paper", "mnist"])
+    assert sweep.main(["--collect", str(tmp_path / "first")]) == 0
+    prepared_paper_sweep(tmp_path / "second", ["--paper", "mnist", "--only", "numpy_BP_*"],
+                         run="numpy_BP_seed0")
+    assert sweep.main(["--collect", str(tmp_path / "second")]) == 0
+    folder = paper_results / "mnist"
+    rows = {tuple(line.split(" | ")[:2]): line for line in
+            (folder / "table.md").read_text().splitlines() if line.startswith("| ")}
+    assert len(rows) == len([line for line in committed if line.startswith("| ")])
+    assert "97.00 (n = 1)" in rows[("| PEPITA", "numpy")]  # the first sweep's
+    assert "97.00 (n = 1)" in rows[("| BP", "numpy")]  # the second sweep's
+    assert rows[("| FA", "numpy")] in committed  # neither sweep ran FA: the committed row
+    curves = utils.read_curves_csv(folder / "curves.csv")
+    assert curves[("ERIN", "numpy", "")] == {"0": [90.0, 97.0]}  # replaced, not mixed
+    assert len(curves[("FA", "numpy", "")]["0"]) == 100
+    readme = (folder / "README.md").read_text()
+    for words in ("--collect " + str(tmp_path / "first"), "--only numpy_BP_*",
+                  "--paper mnist --seeds 3"):  # the commands of both sweeps and the committed
+        assert words in readme
+
+
+def test_only_runs_some_runs_of_a_preset_and_refuses_a_name_of_none(capsys):
+    assert sweep.main(["--paper", "cifar10", "--only", "numpy_B*,Net1conv1fcXL_cif_BP_seed0",
+                       "--dry_run"]) == 0
+    names = [line.split(":")[0] for line in run_lines(capsys)]
+    assert names == ["Net1conv1fcXL_cif_BP_seed0", "numpy_BP_seed0"]
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--paper", "cifar10", "--only", "numpy_XX*", "--dry_run"])
+    assert exit_info.value.code == 2
+    assert "numpy_XX* matches no run" in capsys.readouterr().err
 
 
 def test_collected_tables_show_the_paper_values_of_the_conv_nets():
