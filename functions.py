@@ -16,7 +16,48 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import ACTIVATIONS, DERIVATIVES, UsageError, check_finite, init_weight, uniform
+import utils
+from utils import UsageError, check_finite, init_weight, uniform
+
+# ------------------------------------------------------------------------------------------
+# Activations and their derivatives (numpy path)
+# ------------------------------------------------------------------------------------------
+CIRESAN_A, CIRESAN_B = 1.7159, 0.6666
+
+
+def softmax(a):
+    """Softmax over the last axis, shifted by the max as published."""
+    z = np.exp(a - a.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def relu(a):
+    return np.maximum(a, 0)
+
+
+def sigm(a):
+    return 1 / (1 + np.exp(-a))
+
+
+ACTIVATIONS = {
+    "relu": relu,
+    "sigm": sigm,
+    "Lrelu": lambda a: np.where(a > 0, a, 0.1 * a),
+    "tanh": np.tanh,
+    "tanh_ciresan": lambda a: CIRESAN_A * np.tanh(CIRESAN_B * a),
+    "step_f": lambda a: (a > 0).astype(a.dtype),
+    "softmax": softmax,
+}
+
+# Derivatives f'(a) as published; step_f and softmax (as a hidden layer) have none.
+DERIVATIVES = {
+    "relu": lambda a: (a > 0).astype(a.dtype),
+    "sigm": lambda a: sigm(a) * (1 - sigm(a)),
+    "Lrelu": lambda a: np.where(a > 0, 1.0, 0.1).astype(a.dtype),
+    "tanh": lambda a: 1 - np.tanh(a) ** 2,
+    "tanh_ciresan": lambda a: CIRESAN_A * CIRESAN_B * (1 - np.tanh(CIRESAN_B * a) ** 2),
+}
+
 
 PEPITA_RULES = ("ERIN", "ERINsign")
 LEARN_TYPES = ("BP", "ERIN", "ERINsign", "FA", "DFA", "DRTP")
@@ -124,7 +165,8 @@ def predict(model, x, chunk=8192):
 
 
 def accuracy(model, x, labels):
-    return float(np.mean(predict(model, x).argmax(1) == labels))
+    """The fraction of correct predictions (the published text files' unit)."""
+    return utils.accuracy(lambda batch: predict(model, batch), x, labels)
 
 
 def n_correct(y, t):
@@ -383,7 +425,4 @@ def angle_with_F(model):
     product = model.weights[0].T
     for w in model.weights[1:]:
         product = product @ w.T
-    a, b = product.ravel(), model.F.ravel()
-    cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
-    return float(np.degrees(np.arccos(np.clip(cosine, -1, 1)))), float(
-        np.linalg.norm(model.weights[0]))
+    return utils.angle_degrees(product, model.F), float(np.linalg.norm(model.weights[0]))

@@ -15,20 +15,23 @@ import logging
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
 
+import datasets
 import functions as fn
+import protocol
 import utils
-from utils import DATASETS, DivergenceError, UsageError
+from datasets import DATASETS
+from utils import DivergenceError, UsageError
 
 log = logging.getLogger("pepita")
 DATASET_ALIASES = {"mnist": "mn", "emnist": "emn", "fmnist": "fmn", "cifar10": "cif",
                    "cifar100": "cif100"}
 SHORT_ALIASES = {"mnist": "-mn", "emnist": "-emn", "fmnist": "-fmn", "cifar10": "-cif",
                  "cifar100": "-cif100"}
-DECAY_EPOCHS = (60, 90)
 MIN_ETA = 1e-6
 
 
@@ -37,7 +40,7 @@ MIN_ETA = 1e-6
 # ------------------------------------------------------------------------------------------
 def build_parser():
     parser = utils.new_parser(__doc__)
-    utils.add_common_arguments(
+    protocol.add_common_arguments(
         parser, exp_name="expPEPITA", learn_types=fn.LEARN_TYPES,
         update_types=fn.UPDATE_TYPES, train_epochs=3, batch_size=64, dataset="mn",
         eta_decay_help="eta x 0.1 at epochs 60 and 90 (counted from 0), never below 1e-6")
@@ -77,10 +80,10 @@ def build_parser():
         help="size of the first hidden layer")
     add("--n_hlayers", "-nh", type=utils.non_negative_int, default=2,
         help="number of hidden layers")
-    add("--act_hidden", "-act_h", default="relu", choices=tuple(utils.ACTIVATIONS),
+    add("--act_hidden", "-act_h", default="relu", choices=tuple(fn.ACTIVATIONS),
         help="activation of the hidden layers (Lrelu: slope 0.1; tanh_ciresan: "
              "1.7159 tanh(0.6666 a))")
-    add("--act_out", "-act_o", default="softmax", choices=tuple(utils.ACTIVATIONS),
+    add("--act_out", "-act_o", default="softmax", choices=tuple(fn.ACTIVATIONS),
         help="activation of the output layer")
     add("--dtype", default="float64", choices=("float64", "float32"),
         help="compute precision (float64 as published)")
@@ -118,7 +121,7 @@ def architecture(args, n_in, n_out):
     return sizes, acts
 
 
-def check_settings(args):
+def check_settings(args, code):
     if args.learn_type in fn.PEPITA_RULES and args.sample_passes < 2:
         raise UsageError(f"{args.learn_type} needs --sample_passes >= 2 (a second, "
                          f"modulated pass), got {args.sample_passes}")
@@ -126,6 +129,12 @@ def check_settings(args):
         raise UsageError("--check_cos_norm measures the angle with F: use it with ERIN")
     if args.continue_training != bool(args.continue_training_path):
         raise UsageError("--continue_training and --continue_training_path go together")
+    if args.deformation and DATASETS.get(code, {}).get("shape") != (28, 28, 1):
+        raise UsageError("--deformation distorts 28x28 grey images: use it with mn, fmn "
+                         "or emn")
+    if args.deformation and args.no_test_as_val:
+        raise UsageError("--deformation validates on the test set, as published: drop "
+                         "--no_test_as_val")
 
 
 def folder_name(args, code):
@@ -142,22 +151,22 @@ def folder_name(args, code):
 # ------------------------------------------------------------------------------------------
 # Data: inputs scaled to [0, 1] (or [-1, 1]), flattened, one-hot targets
 # ------------------------------------------------------------------------------------------
-def load_data(args, code, data_rng, dtype):
+def read_data(args, code):
+    """The dataset's arrays as loaded (uint8 images, integer labels), or --datadebug's."""
+    if code == "datadebug":
+        return np.array([[1, 0, 0, 0]], float), np.array([[0, 0.5]], float)
+    return datasets.load_dataset(code, args.data_dir, "keras")
+
+
+def prepare_data(args, code, arrays, data_rng, dtype):
     """Train, validation and test sets as (x, t) pairs, and the raw train images when
     --deformation distorts them afresh each epoch."""
     if code == "datadebug":
-        x = np.array([[1, 0, 0, 0]], dtype)
-        t = np.array([[0, 0.5]], dtype)
+        x, t = (a.astype(dtype) for a in arrays)
         return (x, t), (x, t), (x, t), None
-    if args.deformation and DATASETS[code]["shape"] != (28, 28, 1):
-        raise UsageError("--deformation distorts 28x28 grey images: use it with mn, fmn "
-                         "or emn")
-    if args.deformation and args.no_test_as_val:
-        raise UsageError("--deformation validates on the test set, as published: drop "
-                         "--no_test_as_val")
-    x_train, y_train, x_test, y_test = utils.load_dataset(code, args.data_dir, "keras")
+    x_train, y_train, x_test, y_test = arrays
     classes = DATASETS[code]["classes"]
-    (x_train, y_train), (x_test, y_test) = utils.sample_slice(
+    (x_train, y_train), (x_test, y_test) = datasets.sample_slice(
         data_rng, args.n_samples, (x_train, y_train), (x_test, y_test))
     if args.no_test_as_val:
         train_idx, val_idx = validation_split(len(x_train))
@@ -172,7 +181,7 @@ def load_data(args, code, data_rng, dtype):
         if args.zeromean:
             x *= 2
             x -= 1
-        return x, utils.one_hot(labels, classes, dtype)
+        return x, datasets.one_hot(labels, classes, dtype)
 
     raw = x_train[..., 0] if args.deformation else None
     test_set = prepare(x_test, y_test)
@@ -189,7 +198,7 @@ def validation_split(n, test_size=0.1, random_state=1):
 
 
 def deformed(raw, rng, zeromean, dtype):
-    x = utils.deform_images(raw, rng).reshape(len(raw), -1).astype(dtype)
+    x = datasets.deform_images(raw, rng).reshape(len(raw), -1).astype(dtype)
     return 2 * x - 1 if zeromean else x
 
 
@@ -240,20 +249,25 @@ def continue_from(args, model):
         model.F[...] = saved["F"]
 
 
-def checkpoint_state(args, run, epoch, history, **extra):
-    return np.array(json.dumps({"run": run, "epoch": epoch, "settings": vars(args),
-                                "history": history, **extra}))
+def save_checkpoint(path, contents):
+    """The protocol's checkpoint as one .npz: the arrays of the payload (weights, optimizer
+    buffers, carried factors) and the rest as JSON in "state"."""
+    payload = contents.get("payload") or {}
+    state = {key: value for key, value in contents.items() if key != "payload"}
+    state.update((key, value) for key, value in payload.items() if key != "arrays")
+    save_npz(path, {**payload.get("arrays", {}), "state": np.array(json.dumps(state))})
 
 
-def save_start_checkpoint(folder, args, run, history):
-    """Run `run` is next and has not started (epoch -1): the settings and the curves so
-    far are all a resume needs, since each run starts from its own seeded state."""
-    save_npz(Path(folder) / "checkpoint.npz", {"state": checkpoint_state(args, run, -1,
-                                                                          history)})
+def load_checkpoint(path):
+    saved = load_npz(path)
+    state = json.loads(str(saved.pop("state")))
+    state["payload"] = {"arrays": saved, "opt_steps": state.pop("opt_steps", None),
+                        "rngs": state.pop("rngs", None)}
+    return state
 
 
-def save_checkpoint(folder, args, run, epoch, model, optimizer, carry, rngs, history):
-    """Everything an exact resume in the middle of run `run` needs, after `epoch`."""
+def payload(model, optimizer, carry, rngs):
+    """Everything an exact resume in the middle of a run needs, after an epoch."""
     arrays = model_arrays(model)
     arrays.update({f"opt{k}_{layer}": b
                    for k, buffers in enumerate(optimizer.saved_buffers())
@@ -261,65 +275,54 @@ def save_checkpoint(folder, args, run, epoch, model, optimizer, carry, rngs, his
     if carry.factors is not None:
         arrays.update({f"carry{k}_{layer}": f for layer, pair in enumerate(carry.factors)
                        for k, f in enumerate(pair)})
-    arrays["state"] = checkpoint_state(
-        args, run, epoch, history, opt_steps=optimizer.step_count,
-        rngs={name: utils.rng_state(rng) for name, rng in rngs.items()})
-    save_npz(Path(folder) / "checkpoint.npz", arrays)
+    return {"arrays": arrays, "opt_steps": optimizer.step_count,
+            "rngs": {name: protocol.rng_state(rng) for name, rng in rngs.items()}}
 
 
-def restore_checkpoint(folder, model, optimizer, carry, rngs):
-    """Load the interrupted run's state in place; returns its last complete epoch."""
-    path = Path(folder) / "checkpoint.npz"
+def restore(path, saved, model, optimizer, carry, rngs):
+    """Load the interrupted run's state (a payload) in place."""
     try:
-        saved = load_npz(path)
-        state = json.loads(str(saved["state"]))
+        arrays = saved["arrays"]
         for name, array in model_arrays(model).items():
-            array[...] = saved[name]
+            array[...] = arrays[name]
         for k, buffers in enumerate(optimizer.buffers):
             for layer, b in enumerate(buffers):
-                b[...] = saved[f"opt{k}_{layer}"]
-        optimizer.step_count = state["opt_steps"]
-        carry.factors = ([(saved[f"carry0_{layer}"], saved[f"carry1_{layer}"])
+                b[...] = arrays[f"opt{k}_{layer}"]
+        optimizer.step_count = saved["opt_steps"]
+        carry.factors = ([(arrays[f"carry0_{layer}"], arrays[f"carry1_{layer}"])
                           for layer in range(len(model.weights))]
-                         if "carry0_0" in saved else None)
+                         if "carry0_0" in arrays else None)
         for name, rng in rngs.items():
-            utils.set_rng_state(rng, state["rngs"][name])
+            protocol.set_rng_state(rng, saved["rngs"][name])
     except (*utils.BROKEN_FILE_ERRORS, TypeError) as err:
-        raise utils.checkpoint_error(path, err) from None
-    return state["epoch"]
+        raise protocol.checkpoint_error(path, err) from None
 
 
 # ------------------------------------------------------------------------------------------
-# Result files: the published text files, metrics.json and learning-curve plots
+# Result files: the published text files, learning-curve plots, metrics.json's curves
 # ------------------------------------------------------------------------------------------
-def write_results(folder, args, history, seed, total_time, status="running"):
-    """The published text files, metrics.json (status: running, finished or diverged) and
-    the learning-curve plots."""
+def write_files(folder, args, history, status, elapsed):
+    """The published text files (accuracies as fractions) and the learning-curve plots."""
     folder = Path(folder)
-    final = status == "finished"
     done = len(history["final_test"])
     for r in range(done):
         utils.write_table(folder / f"train_acc_run{r}.txt", [[a] for a in history["train"][r]])
         test_curve = history["test"][r] if args.validation else [history["final_test"][r]]
         utils.write_table(folder / f"test_acc_run{r}.txt", [[a] for a in test_curve])
     if done:
-        suffix = "" if final else f"_rep{done - 1}"
+        suffix = "" if status == "finished" else f"_rep{done - 1}"
         for key in ("train", "val", "test"):
             rows = [row for row in history[key][:done] if row]
             utils.write_table(folder / f"{key}_acc_tot{suffix}.txt", rows)
     if args.check_cos_norm:
         utils.write_table(folder / "angles.txt", history["angles"])
         utils.write_table(folder / "Anorm.txt", history["norms"])
-    finals = {key: history[f"final_{key}"] for key in ("train", "val", "test")}
-    summary = {key: (float(np.mean(v)), float(np.std(v))) for key, v in finals.items() if v}
-    lines = [f"{k}: {v}" for k, v in sorted(vars(args).items())]
-    lines += [f"seed used: {seed}"]
-    lines += [f"final {k} accuracy: mean {m:.4f} std {s:.4f}" for k, (m, s) in summary.items()]
-    lines += [f"total time: {total_time:.1f} s"]
+    lines = [f"{k}: {v}" for k, v in sorted(vars(args).items()) if k != "command"]
+    lines += [f"seed used: {history['seed']}"]
+    lines += [f"final {key} accuracy: mean {np.mean(v):.4f} std {np.std(v):.4f}"
+              for key in ("train", "val", "test") if (v := history[f"final_{key}"])]
+    lines += [f"total time: {elapsed:.1f} s"]
     utils.write_text(folder / f"res_summary_{args.exp_name}.txt", "\n".join(lines) + "\n")
-    utils.write_json(folder / "metrics.json", {
-        "settings": vars(args), "seed": seed, "status": status,
-        "runs_finished": done, "summary": summary, "total_time_s": total_time, **history})
     labels = {"train": "training accuracy", "val": "validation accuracy"}
     curves = {label: history[k][:max(done, 1)] for k, label in labels.items()
               if history[k] and history[k][0]}
@@ -332,32 +335,54 @@ def write_results(folder, args, history, seed, total_time, status="running"):
                                if history[k][r]}, f"{args.learn_type}, run {r}")
 
 
+def metrics(history, runs_finished):
+    """metrics.json's curves: accuracies in percent (the text files keep fractions)."""
+    def percent(values):
+        return [percent(v) if isinstance(v, list) else 100 * v for v in values]
+    return {"train": percent(history["train"]), "val": percent(history["val"]),
+            "test": percent(history["test"]),
+            **{f"final_{k}": percent(history[f"final_{k}"][:runs_finished])
+               for k in ("train", "val", "test")},
+            "angles": history["angles"], "norms": history["norms"],
+            "epoch_time_s": history["epoch_time_s"]}
+
+
+ENGINE = SimpleNamespace(script="main.py", checkpoint="checkpoint.npz",
+                         save_checkpoint=save_checkpoint, load_checkpoint=load_checkpoint,
+                         write_files=write_files, metrics=metrics)
+
+
 # ------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------
 def epoch_eta(args, epoch):
-    decays = sum(epoch >= e for e in DECAY_EPOCHS) if args.eta_decay else 0
-    return max(args.eta * 0.1 ** decays, MIN_ETA) if decays else args.eta
+    epochs = utils.decay_epochs(2) if args.eta_decay else ()
+    return utils.decayed_eta(args.eta, epoch, epochs, floor=MIN_ETA)
 
 
-def new_history():
+def new_history(seed):
     keys = ("train", "val", "test", "angles", "norms", "epoch_time_s")
-    return {**{k: [] for k in keys}, "final_train": [], "final_val": [], "final_test": []}
+    return {**{k: [] for k in keys}, "final_train": [], "final_val": [], "final_test": [],
+            "seed": seed}
 
 
 def train(args):
     code = dataset_code(args)
-    check_settings(args)
+    check_settings(args, code)
     dtype = np.dtype(args.dtype).type
-    folder = utils.results_folder(args, folder_name(args, code))
-    resumed = read_resume_state(folder) if args.resume else None
-    if resumed:  # the interrupted run's seed, so that the data slice matches it too
-        args.seed = utils.check_resume_settings(resumed["settings"], args)
-    seed, data_seq, run_seqs = utils.seed_sequences(args.seed, args.n_runs)
-    args.seed = seed  # recorded with the settings, so that a run can be repeated exactly
-    train_set, val_set, test_set, raw_train = load_data(
-        args, code, np.random.default_rng(data_seq), dtype)
+    run = protocol.Run(args, protocol.results_folder(args, folder_name(args, code)), ENGINE)
+    if run.finished:
+        return run.state["history"]
+    seed, data_seq, run_seqs = run.seeds()  # the resumed run's seed: the same data slice
+    arrays = read_data(args, code)
+    run.check_data(protocol.dataset_record(code, args.data_dir, arrays))
+    data = prepare_data(args, code, arrays, np.random.default_rng(data_seq), dtype)
+    train_set, val_set, test_set, _ = data
     sizes, acts = architecture(args, train_set[0].shape[1], train_set[1].shape[1])
+    protocol.check_memory(sum(a * b for a, b in zip(sizes, sizes[1:])),
+                          np.dtype(dtype).itemsize, f"the network {sizes}")
+    if code != "datadebug":
+        protocol.check_batch_size(args.batch_size, len(train_set[0]))
     log.debug("training set %s, validation set %s, test set %s", train_set[0].shape,
               val_set[0].shape, test_set[0].shape)
     log.debug("weight updates by %s", "the gemm of numpy's OpenBLAS" if fn.BLAS
@@ -365,32 +390,20 @@ def train(args):
     if args.continue_training:  # check the saved weights before creating the folder
         continue_from(args, fn.init_model(np.random.default_rng(0), args.learn_type, sizes,
                                           acts, args.w_init, args.dropout, dtype))
-    utils.prepare_folder(folder, args.resume, args.overwrite)
-    log.info("%s on %s, layers %s, results in %s", args.learn_type, code, sizes, folder)
-
-    history = resumed["history"] if resumed else {**new_history(), "seed": seed}
-    if not resumed:
-        save_start_checkpoint(folder, args, 0, history)
-    start_time = time.time() - sum(map(sum, history["epoch_time_s"]))
-    try:
-        for run in range(len(history["final_test"]), args.n_runs):
-            train_run(args, folder, run, resumed, history, sizes, acts, run_seqs[run],
-                      (train_set, val_set, test_set, raw_train), dtype, start_time)
-    except DivergenceError as err:  # recorded, so that --resume can say what happened
-        history["divergence"] = str(err)
-        write_results(folder, args, history, seed, time.time() - start_time, "diverged")
-        raise
-    write_results(folder, args, history, seed, time.time() - start_time, "finished")
+    history = run.state["history"] if run.state else new_history(seed)
+    run.open(history)
+    log.info("%s on %s, layers %s", args.learn_type, code, sizes)
+    run.train_runs(lambda r, under_way: train_run(args, run, r, under_way, sizes, acts,
+                                                  run_seqs[r], data, dtype))
     log.info("test accuracy %.4f +- %.4f over %d run(s), %.1f s; results in %s",
              np.mean(history["final_test"]), np.std(history["final_test"]), args.n_runs,
-             time.time() - start_time, folder)
+             time.time() - run.start_time, run.folder)
     return history
 
 
-def train_run(args, folder, run, resumed, history, sizes, acts, run_seq, data, dtype,
-              start_time):
-    """Run `run` from its own seeded state, or from the checkpoint when it was under way."""
-    train_set, val_set, test_set, raw_train = data
+def train_run(args, run, r, under_way, sizes, acts, run_seq, data, dtype):
+    """Run r from its own seeded state, or from the checkpoint when it was under way."""
+    history = run.history
     init_rng, mask_rng, shuffle_rng, deform_rng = (
         np.random.default_rng(s) for s in run_seq.spawn(4))
     rngs = {"mask": mask_rng, "shuffle": shuffle_rng, "deform": deform_rng}
@@ -401,38 +414,22 @@ def train_run(args, folder, run, resumed, history, sizes, acts, run_seq, data, d
     optimizer = fn.Optimizer(args.update_type, model.weights)
     carry = fn.Carry()
     first_epoch = 0
-    if resumed and resumed["run"] == run and resumed["epoch"] >= 0:  # under way: continue
-        first_epoch = restore_checkpoint(folder, model, optimizer, carry, rngs) + 1
+    if under_way:
+        restore(run.checkpoint, under_way["payload"], model, optimizer, carry, rngs)
+        first_epoch = under_way["epoch"] + 1
     else:
         for key in ("train", "val", "test", "angles", "norms", "epoch_time_s"):
             history[key].append([])
         if args.check_cos_norm:
             record_angle(history, model)
-    run_epochs(args, folder, run, first_epoch, model, optimizer, carry, rngs, history,
-               train_set, val_set, test_set, raw_train, dtype, start_time)
-    history["final_train"].append(history["train"][run][-1])
-    final_val, final_test = evaluate(model, val_set, test_set)
+    run_epochs(args, run, r, first_epoch, model, optimizer, carry, rngs, data, dtype)
+    history["final_train"].append(history["train"][r][-1])
+    final_val, final_test = evaluate(model, data[1], data[2])
     history["final_val"].append(final_val)
     history["final_test"].append(final_test)
-    save_npz(folder / f"weights_run{run}.npz", model_arrays(model))
-    log.info("run %d: final test accuracy %.4f", run, history["final_test"][-1])
-    write_results(folder, args, history, history["seed"], time.time() - start_time)
-    save_start_checkpoint(folder, args, run + 1, history)
-
-
-def read_resume_state(folder):
-    """The state saved in folder's checkpoint, or None when the run never saved one."""
-    path = utils.resume_checkpoint(folder, "checkpoint.npz")
-    if path is None:
-        return None
-    try:
-        state = json.loads(str(load_npz(path)["state"]))
-        missing = [k for k in ("run", "epoch", "settings", "history") if k not in state]
-        if missing:
-            raise KeyError(f"no {', '.join(missing)} in its state")
-    except (*utils.BROKEN_FILE_ERRORS, TypeError) as err:
-        raise utils.checkpoint_error(path, err) from None
-    return state
+    save_npz(run.folder / f"weights_run{r}.npz", model_arrays(model))
+    log.info("run %d: final test accuracy %.4f", r, history["final_test"][-1])
+    run.run_done(r)
 
 
 def evaluate(model, val_set, test_set):
@@ -449,18 +446,18 @@ def record_angle(history, model):
     history["norms"][-1].append(norm)
 
 
-def run_epochs(args, folder, run, first_epoch, model, optimizer, carry, rngs, history,
-               train_set, val_set, test_set, raw_train, dtype, start_time):
-    x_train, t_train = train_set
+def run_epochs(args, run, r, first_epoch, model, optimizer, carry, rngs, data, dtype):
+    history = run.history
+    (x_train, t_train), val_set, test_set, raw_train = data
     for epoch in range(first_epoch, args.train_epochs):
         tic = time.perf_counter()
         eta = epoch_eta(args, epoch)
-        log.debug("run %d epoch %d: eta %g", run, epoch + 1, eta)
+        log.debug("run %d epoch %d: eta %g", r, epoch + 1, eta)
         if raw_train is not None:
             x_train = deformed(raw_train, rngs["deform"], args.zeromean, dtype)
         order = (np.arange(len(x_train)) if args.no_shuffling
                  else rngs["shuffle"].permutation(len(x_train)))
-        with tqdm(total=len(order), desc=f"run {run} epoch {epoch + 1}", leave=False,
+        with tqdm(total=len(order), desc=f"run {r} epoch {epoch + 1}", leave=False,
                   disable=None) as progress:
             try:  # overflow is reported once, as divergence, not as numpy warnings
                 with np.errstate(over="ignore", invalid="ignore"):
@@ -469,26 +466,25 @@ def run_epochs(args, folder, run, first_epoch, model, optimizer, carry, rngs, hi
                                                args.sample_passes, eta, rngs["mask"], carry,
                                                progress)
             except DivergenceError as err:
-                raise DivergenceError(f"run {run} epoch {epoch + 1}, {err}") from None
+                raise DivergenceError(f"run {r} epoch {epoch + 1}, {err}") from None
         utils.check_finite(np.concatenate([w.ravel() for w in model.weights]),
-                           f"the end of run {run} epoch {epoch + 1}", eta)
-        history["train"][run].append(train_acc)
-        message = f"run {run} epoch {epoch + 1}: train {train_acc:.4f}"
+                           f"the end of run {r} epoch {epoch + 1}", eta)
+        history["train"][r].append(train_acc)
+        message = f"run {r} epoch {epoch + 1}: train {train_acc:.4f}"
         if args.validation:
             val_acc, test_acc = evaluate(model, val_set, test_set)
-            history["val"][run].append(val_acc)
-            history["test"][run].append(test_acc)
+            history["val"][r].append(val_acc)
+            history["test"][r].append(test_acc)
             message += f", validation {val_acc:.4f}, test {test_acc:.4f}"
         if args.check_cos_norm:
             record_angle(history, model)
-        history["epoch_time_s"][run].append(time.perf_counter() - tic)
-        log.info("%s (%.1f s)", message, history["epoch_time_s"][run][-1])
-        save_checkpoint(folder, args, run, epoch, model, optimizer, carry, rngs, history)
-        write_results(folder, args, history, history["seed"], time.time() - start_time)
+        history["epoch_time_s"][r].append(time.perf_counter() - tic)
+        log.info("%s (%.1f s)", message, history["epoch_time_s"][r][-1])
+        run.epoch_done(r, epoch, payload(model, optimizer, carry, rngs))
 
 
 def main(argv=None):
-    return utils.run_cli(build_parser(), train, argv)
+    return protocol.run_cli(build_parser(), train, argv)
 
 
 if __name__ == "__main__":

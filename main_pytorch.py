@@ -10,22 +10,32 @@ after 100; 98.1-98.4% with --decay_scheme 0, as the paper preset runs it; README
 The tutorial's fully connected CIFAR-10 net: --model NetFC1x1024DOcust_cif --dataset cif
 --batch_size 64 --decay_scheme 0. Add --data_dir DIR to read local dataset files.
 """
-import argparse
-import functools
-import logging
-import pickle
 import sys
-import time
-from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+import protocol
 
-import models
-import utils
-from utils import DATASETS, UsageError
+if __name__ == "__main__":  # a signal while torch loads (seconds): one line, not a traceback
+    protocol.exit_quietly_on_signals("main_pytorch.py")
+
+import argparse  # noqa: E402
+import errno  # noqa: E402
+import functools  # noqa: E402
+import logging  # noqa: E402
+import pickle  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import datasets  # noqa: E402
+import models  # noqa: E402
+import utils  # noqa: E402
+from datasets import DATASETS  # noqa: E402
+from utils import UsageError  # noqa: E402
 
 log = logging.getLogger("pepita")
 LEARN_TYPES = ("BP", "ERIN")
@@ -37,7 +47,7 @@ UPDATE_TYPES = ("SGD", "mom", "adam")
 # ------------------------------------------------------------------------------------------
 def build_parser():
     parser = utils.new_parser(__doc__)
-    utils.add_common_arguments(
+    protocol.add_common_arguments(
         parser, exp_name="exptorch", learn_types=LEARN_TYPES, update_types=UPDATE_TYPES,
         train_epochs=100, batch_size=50, dataset="cif",
         eta_decay_help="learning rate x 0.1 at the epochs of --decay_scheme")
@@ -169,10 +179,8 @@ def decay_epochs(args, code):
     """The epochs (from 0) at whose start the learning rate is multiplied by 0.1. The
     follow-up's scheduler steps at the end of the epoch, so with --followup_loop each decay
     first applies one epoch later."""
-    if not args.eta_decay:
-        return ()
-    epochs = {0: (60,) if code == "mn" else (60, 90), 1: (10, 30, 60), 2: (60, 90)}
-    return tuple(e + args.followup_loop for e in epochs[args.decay_scheme])
+    return utils.decay_epochs(args.decay_scheme, code, args.followup_loop) if args.eta_decay \
+        else ()
 
 
 # ------------------------------------------------------------------------------------------
@@ -181,10 +189,14 @@ def decay_epochs(args, code):
 def load_tensors(code, data_dir, device, n_samples="all", data_rng=None,
                  data_flag="--data_dir"):
     """Train and test images (N, C, H, W) in [0, 1] and labels, on device; n_samples: see
-    utils.sample_slice (data_rng picks the slice); data_flag: see utils.load_dataset."""
-    x_train, y_train, x_test, y_test = utils.load_dataset(code, data_dir, "torchvision",
-                                                          data_flag)
-    (x_train, y_train), (x_test, y_test) = utils.sample_slice(
+    datasets.sample_slice (data_rng picks the slice); data_flag: see datasets.load_dataset."""
+    arrays = datasets.load_dataset(code, data_dir, "torchvision", data_flag)
+    return to_tensors(arrays, device, n_samples, data_rng)
+
+
+def to_tensors(arrays, device, n_samples="all", data_rng=None):
+    x_train, y_train, x_test, y_test = arrays
+    (x_train, y_train), (x_test, y_test) = datasets.sample_slice(
         data_rng, n_samples, (x_train, y_train), (x_test, y_test))
 
     def to_tensor(images):  # uint8 NHWC -> float NCHW in [0, 1], once
@@ -194,21 +206,10 @@ def load_tensors(code, data_dir, device, n_samples="all", data_rng=None,
             to_tensor(x_test).to(device), torch.from_numpy(y_test).to(device))
 
 
-CHECKPOINT_KEYS = ("run", "epoch", "settings", "history")
-UNDER_WAY_KEYS = ("model", "B", "optimizer", "generators")
-
-
 @torch.no_grad()
 def accuracy(model, x, y, chunk=250):  # small chunks stay in the CPU's caches
-    correct = sum(int((model(x[i:i + chunk])[0].argmax(1) == y[i:i + chunk]).sum())
-                  for i in range(0, len(x), chunk))
-    return 100.0 * correct / len(x)
-
-
-@torch.no_grad()
-def angle_with_B(model, B):
-    """Angle in degrees between flatten(W_1^T ... W_L^T) and flatten(B), and ||W_1||."""
-    return models.alignment_angle(model, B), float(model.layers[0].weight.norm())
+    """Test accuracy in percent."""
+    return 100 * utils.accuracy(lambda batch: model(batch)[0], x, y, chunk)
 
 
 # ------------------------------------------------------------------------------------------
@@ -282,24 +283,13 @@ def on_cpu(obj):
 
 
 def save_torch(path, obj):
-    utils.atomic_write(path, lambda tmp: torch.save(on_cpu(obj), tmp))
-
-
-def load_checkpoint(folder):
-    """The checkpoint of an interrupted run, checked, or None when it never saved one."""
-    path = utils.resume_checkpoint(folder, "checkpoint.pt")
-    if path is None:
-        return None
-    try:
-        state = load_torch(path)
-        needed = CHECKPOINT_KEYS + (UNDER_WAY_KEYS if state.get("epoch", -1) >= 0 else ())
-        missing = [k for k in needed if k not in state]
-        if missing:
-            raise KeyError(f"no {', '.join(missing)}")
-    except (*utils.BROKEN_FILE_ERRORS, RuntimeError, AttributeError, TypeError,
-            pickle.UnpicklingError) as err:
-        raise utils.checkpoint_error(path, err) from None
-    return state
+    """torch.save through an atomic write; its failures (a full disk) as OSError."""
+    def write(tmp):
+        try:
+            torch.save(on_cpu(obj), tmp)
+        except RuntimeError as err:  # torch's stream writer reports write errors so
+            raise OSError(errno.EIO, utils.describe(err), str(path)) from None
+    utils.atomic_write(path, write)
 
 
 def load_torch(path):
@@ -310,11 +300,25 @@ def load_torch(path):
         raise ValueError("not a file saved by main_pytorch.py") from None
 
 
-def save_start_checkpoint(folder, args, run, history):
-    """Run `run` is next and has not started (epoch -1): each run starts from its own
-    seeded state, so the settings and the curves so far are all a resume needs."""
-    save_torch(Path(folder) / "checkpoint.pt", {"run": run, "epoch": -1,
-                                                "settings": vars(args), "history": history})
+PROTOCOL_KEYS = ("run", "epoch", "settings", "history", "data")
+UNDER_WAY_KEYS = ("model", "B", "optimizer", "generators")
+
+
+def save_checkpoint(path, contents):
+    """The protocol's checkpoint as one torch file: its keys and the payload's side by side."""
+    state = {key: value for key, value in contents.items() if key != "payload"}
+    save_torch(path, {**state, **(contents.get("payload") or {})})
+
+
+def load_checkpoint(path):
+    saved = load_torch(path)
+    if saved.get("epoch", -1) >= 0:
+        missing = [k for k in UNDER_WAY_KEYS if k not in saved]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+    state = {key: saved.pop(key) for key in PROTOCOL_KEYS if key in saved}
+    state["payload"] = saved
+    return state
 
 
 def feedback_state(feedback):
@@ -326,31 +330,28 @@ def feedback_state(feedback):
     return state
 
 
-def save_checkpoint(folder, args, run, epoch, model, optimizer, feedback, generators,
-                    history):
-    """Everything an exact resume in the middle of run `run` needs, after `epoch`."""
-    save_torch(Path(folder) / "checkpoint.pt", {
-        "run": run, "epoch": epoch, "settings": vars(args), "model": model.state_dict(),
-        **feedback_state(feedback), "optimizer": optimizer.state_dict(),
-        "generators": [g.get_state() for g in generators], "history": history})
+def payload(model, optimizer, feedback, generators):
+    """Everything an exact resume in the middle of a run needs, after an epoch."""
+    return {"model": model.state_dict(), **feedback_state(feedback),
+            "optimizer": optimizer.state_dict(),
+            "generators": [g.get_state() for g in generators]}
 
 
-def restore_checkpoint(folder, state, model, optimizer, generators, device):
-    """Load a run under way in place; returns the feedback and the epoch to start from."""
+def restore(path, saved, model, optimizer, generators, device):
+    """Load a run under way (a payload) in place; returns its feedback."""
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for g, g_state in zip(generators, state["generators"]):
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        for g, g_state in zip(generators, saved["generators"]):
             g.set_state(g_state)
-        matrices = state.get("B_layers", [state["B"]])
-        return models.Feedback([B.to(device) for B in matrices]), state["epoch"] + 1
+        matrices = saved.get("B_layers", [saved["B"]])
+        return models.Feedback([B.to(device) for B in matrices])
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
-        raise utils.checkpoint_error(Path(folder) / "checkpoint.pt", err) from None
+        raise protocol.checkpoint_error(path, err) from None
 
 
-def write_results(folder, args, history, status="running"):
-    """The published text files, metrics.json (status: running, finished or diverged) and
-    the learning-curve plot."""
+def write_files(folder, args, history, status, elapsed):
+    """The published text files (test accuracy in percent, as published) and the plots."""
     folder = Path(folder)
     for r, (losses, test) in enumerate(zip(history["loss"], history["test"])):
         utils.write_table(folder / f"losses_run{r}.txt", [[v] for v in losses])
@@ -358,17 +359,24 @@ def write_results(folder, args, history, status="running"):
     if args.check_cos_norm:
         utils.write_table(folder / "angles.txt", history["angles"])
         utils.write_table(folder / "Anorm.txt", history["norms"])
-    finished = [run[-1] for run in history["test"][:history["runs_finished"]]]
-    summary = ({"test_mean": float(np.mean(finished)), "test_std": float(np.std(finished))}
-               if finished else {})
-    utils.write_json(folder / "metrics.json", {
-        "settings": vars(args), "status": status,
-        "accuracy_unit": "percent", "summary": summary, **history})
     done = [run for run in history["test"] if len(run) == len(history["test"][0])]
     utils.plot_curves(folder / "learning_curve.png", {"test accuracy": done},
                       f"{args.model} {args.learn_type}", ylabel="test accuracy (%)")
     if history["alignment"] and history["alignment"][0]:
         plot_alignment(folder / "alignment.png", history["alignment"], args)
+
+
+def metrics(history, runs_finished):
+    """metrics.json's curves (percent, as recorded)."""
+    return {"loss": history["loss"], "test": history["test"],
+            "final_test": [run[-1] for run in history["test"][:runs_finished]],
+            "angles": history["angles"], "norms": history["norms"],
+            "alignment": history["alignment"], "epoch_time_s": history["epoch_time_s"]}
+
+
+ENGINE = SimpleNamespace(script="main_pytorch.py", checkpoint="checkpoint.pt",
+                         save_checkpoint=save_checkpoint, load_checkpoint=load_checkpoint,
+                         write_files=write_files, metrics=metrics)
 
 
 def plot_alignment(path, alignment, args):
@@ -392,48 +400,54 @@ def train(args):
     check_settings(args)
     device = torch.device("cuda" if args.device == "cuda" or (
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    folder = utils.results_folder(args, folder_name(args, code))
-    state = load_checkpoint(folder) if args.resume else None
-    if state:
-        args.seed = utils.check_resume_settings(state["settings"], args)
-    seed, data_seq, run_seqs = utils.seed_sequences(args.seed, args.n_runs)
-    args.seed = seed  # recorded with the settings, so that a run can be repeated exactly
-    data = load_tensors(code, args.data_dir, device, args.n_samples,
-                        np.random.default_rng(data_seq))
+    run = protocol.Run(args, protocol.results_folder(args, folder_name(args, code)), ENGINE)
+    if run.finished:
+        return run.state["history"]
+    seed, data_seq, run_seqs = run.seeds()
+    arrays = datasets.load_dataset(code, args.data_dir, "torchvision")
+    run.check_data(protocol.dataset_record(code, args.data_dir, arrays))
+    data = to_tensors(arrays, device, args.n_samples, np.random.default_rng(data_seq))
+    del arrays
     n_classes = DATASETS[code]["classes"]
-    if args.followup_loop and len(data[0]) < args.batch_size:
-        raise UsageError(f"--followup_loop drops the last partial batch, and the {len(data[0])} "
-                         f"training images make no full batch of {args.batch_size}: use a "
-                         "smaller --batch_size or more --n_samples")
+    check_fits(args, data, n_classes)
     log.debug("training set %s, test set %s", tuple(data[0].shape), tuple(data[2].shape))
-    models.build_model(args.model, data[0].shape[1:], n_classes, args.w_init)  # fits data?
-    utils.prepare_folder(folder, args.resume, args.overwrite)
-    log.info("%s %s on %s (%s), results in %s", args.model, args.learn_type, code, device,
-             folder)
-
-    history = state["history"] if state else {"seed": seed, "loss": [], "test": [],
-                                              "angles": [], "norms": [], "alignment": [],
-                                              "epoch_time_s": [], "runs_finished": 0}
+    history = run.state["history"] if run.state else {
+        "seed": seed, "loss": [], "test": [], "angles": [], "norms": [], "alignment": [],
+        "epoch_time_s": []}
     history.setdefault("alignment", [[] for _ in history["test"]])  # older checkpoints
-    if not state:
-        save_start_checkpoint(folder, args, 0, history)
-    try:
-        for run in range(history["runs_finished"], args.n_runs):
-            train_run(args, folder, run, state, history, run_seqs[run], data, n_classes,
-                      code, device)
-    except utils.DivergenceError as err:  # recorded, so that --resume can say what happened
-        history["divergence"] = str(err)
-        write_results(folder, args, history, "diverged")
-        raise
-    write_results(folder, args, history, "finished")
-    finals = [run[-1] for run in history["test"]]
+    run.open(history)
+    log.info("%s %s on %s (%s)", args.model, args.learn_type, code, device)
+    run.train_runs(lambda r, under_way: train_run(args, run, r, under_way, run_seqs[r], data,
+                                                  n_classes, code, device))
+    finals = [test[-1] for test in history["test"]]
     log.info("test accuracy %.2f%% +- %.2f over %d run(s); results in %s", np.mean(finals),
-             np.std(finals), args.n_runs, folder)
+             np.std(finals), args.n_runs, run.folder)
     return history
 
 
-def train_run(args, folder, run, state, history, run_seq, data, n_classes, code, device):
-    """Run `run` from its own seeded state, or from the checkpoint when it was under way."""
+def check_fits(args, data, n_classes):
+    """The batch size and the model against the data, before any folder is created."""
+    n_train = len(data[0])
+    protocol.check_batch_size(args.batch_size, n_train)
+    if args.followup_loop and n_train < args.batch_size:
+        raise UsageError(f"--followup_loop drops the last partial batch, and the {n_train} "
+                         f"training images make no full batch of {args.batch_size}: use a "
+                         "smaller --batch_size or more --n_samples")
+    if args.model == "NetFC":
+        sizes = [data[0][0].numel(), *(args.fc_hidden or [1024]), n_classes]
+        protocol.check_memory(sum(a * b for a, b in zip(sizes, sizes[1:])), 4,
+                              f"the network {sizes}")
+    try:
+        models.build_model(args.model, data[0].shape[1:], n_classes, args.w_init,
+                           hidden=args.fc_hidden)  # does it fit the data?
+    except RuntimeError as err:  # torch's allocator: "can't allocate memory"
+        raise UsageError(f"{args.model} does not fit in this machine's memory "
+                         f"({utils.describe(err)}); use smaller layers") from None
+
+
+def train_run(args, run, r, under_way, run_seq, data, n_classes, code, device):
+    """Run r from its own seeded state, or from the checkpoint when it was under way."""
+    history = run.history
     x_train, y_train, x_test, y_test = data
     init_seed, cpu_seed, device_seed = run_seq.generate_state(3)
     torch.manual_seed(int(init_seed))
@@ -457,9 +471,10 @@ def train_run(args, folder, run, state, history, run_seq, data, n_classes, code,
     optimizer = models.make_optimizer(args.update_type, args.learn_type, params, args.eta,
                                       args.weight_decay, args.pepita_mode)
     first_epoch = 0
-    if state and state["run"] == run and state["epoch"] >= 0:  # under way: continue
-        feedback, first_epoch = restore_checkpoint(folder, state, model, optimizer,
-                                                   generators, device)
+    if under_way:
+        feedback = restore(run.checkpoint, under_way["payload"], model, optimizer,
+                           generators, device)
+        first_epoch = under_way["epoch"] + 1
     else:
         for key in ("loss", "test", "angles", "norms", "alignment", "epoch_time_s"):
             history[key].append([])
@@ -469,43 +484,39 @@ def train_run(args, folder, run, state, history, run_seq, data, n_classes, code,
         if epoch in decay_epochs(args, code):
             for group in optimizer.param_groups:
                 group["lr"] *= 0.1
-        log.debug("run %d epoch %d: learning rate %g", run, epoch + 1,
+        log.debug("run %d epoch %d: learning rate %g", r, epoch + 1,
                   optimizer.param_groups[0]["lr"])
-        with tqdm(total=len(x_train), desc=f"run {run} epoch {epoch + 1}", leave=False,
+        with tqdm(total=len(x_train), desc=f"run {r} epoch {epoch + 1}", leave=False,
                   disable=None) as progress:
             loss = train_epoch(args, model, optimizer, feedback, (x_train, y_train),
                                generators, n_classes, epoch, progress,
-                               f"run {run} epoch {epoch + 1}")
+                               f"run {r} epoch {epoch + 1}")
         test_acc = accuracy(model, x_test, y_test)
-        history["loss"][run].append(loss)
-        history["test"][run].append(test_acc)
+        history["loss"][r].append(loss)
+        history["test"][r].append(test_acc)
         record_alignment(args, history, model, feedback)
-        history["epoch_time_s"][run].append(time.perf_counter() - tic)
-        log.info("run %d epoch %d: loss %.4f, test accuracy %.2f%% (%.1f s)", run,
-                 epoch + 1, loss, test_acc, history["epoch_time_s"][run][-1])
-        save_checkpoint(folder, args, run, epoch, model, optimizer, feedback, generators,
-                        history)
-        write_results(folder, args, history)
-    history["runs_finished"] = run + 1
-    save_torch(folder / f"weights_run{run}.pt", {"model": model.state_dict(),
-                                                 **feedback_state(feedback)})
-    write_results(folder, args, history)
-    save_start_checkpoint(folder, args, run + 1, history)
+        history["epoch_time_s"][r].append(time.perf_counter() - tic)
+        log.info("run %d epoch %d: loss %.4f, test accuracy %.2f%% (%.1f s)", r,
+                 epoch + 1, loss, test_acc, history["epoch_time_s"][r][-1])
+        run.epoch_done(r, epoch, payload(model, optimizer, feedback, generators))
+    save_torch(run.folder / f"weights_run{r}.pt", {"model": model.state_dict(),
+                                                   **feedback_state(feedback)})
+    run.run_done(r)
 
 
 def record_alignment(args, history, model, feedback):
-    """--check_cos_norm's published angles file, and the follow-up's logs of ERIN with a
-    fully connected model (before training and after every epoch)."""
+    """--check_cos_norm's published angles file (the angle between F and the forward
+    weights' product, and ||W_1||), and the follow-up's logs of ERIN with a fully connected
+    model (before training and after every epoch)."""
     if args.check_cos_norm:
-        angle, norm = angle_with_B(model, feedback.F)
-        history["angles"][-1].append(angle)
-        history["norms"][-1].append(norm)
+        history["angles"][-1].append(models.alignment_angle(model, feedback.F))
+        history["norms"][-1].append(float(model.layers[0].weight.detach().norm()))
     if args.learn_type == "ERIN" and isinstance(model, models.FCNet):
         history["alignment"][-1].append(models.alignment(model, feedback))
 
 
 def main(argv=None):
-    return utils.run_cli(build_parser(), train, argv)
+    return protocol.run_cli(build_parser(), train, argv)
 
 
 if __name__ == "__main__":

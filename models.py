@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import utils
 from utils import UsageError, init_weight
 
 
@@ -401,18 +402,12 @@ def followup_step(model, optimizer, x, target, F_proj, masks, mode, batch_size, 
     return first[0]
 
 
-def angle(a, b):
-    """The angle in degrees between two tensors of the same shape, flattened."""
-    cosine = F.cosine_similarity(a.flatten(), b.flatten(), dim=0).clamp(-1, 1)
-    return math.degrees(math.acos(float(cosine)))
-
-
 @torch.no_grad()
 def alignment_angle(model, F_proj):
     """The angle between F and the forward weights' product (W_L ... W_1)^T."""
     product = functools.reduce(lambda acc, layer: acc @ layer.weight.T, model.layers[1:],
                                model.layers[0].weight.T)
-    return angle(product, F_proj)
+    return utils.angle_degrees(product, F_proj)
 
 
 @torch.no_grad()
@@ -424,6 +419,6 @@ def alignment(model, feedback):
             "B_mean": [float(B.mean()) for B in feedback.matrices],
             "B_std": [float(B.std()) for B in feedback.matrices]}
     if feedback.per_layer:
-        logs["angle_layers"] = [angle(layer.weight.T, B)
+        logs["angle_layers"] = [utils.angle_degrees(layer.weight.T, B)
                                 for layer, B in zip(model.layers, feedback.matrices)]
     return logs

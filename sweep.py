@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+import protocol
 import utils
 from utils import UsageError
 
@@ -500,21 +501,22 @@ def summarize(specs, sweep_dir):
 # Collection: table.md, curves.csv, test_curves.png, README.md
 # ------------------------------------------------------------------------------------------
 def run_results(run_dir):
-    """Per run of a finished trial: (train curve %, test curve %, final test %, epoch
-    times). numpy's train curve is the training accuracy; PyTorch's has none."""
+    """Per run of a finished trial: (test curve %, train curve %, final test %, epoch
+    times, final angle). Only numpy has a train curve; metrics.json of before the common
+    schema held numpy's accuracies as fractions."""
     metrics = read_metrics(run_dir)
     if not metrics or metrics.get("status") != "finished":
         return []
-    percent = metrics.get("accuracy_unit") == "percent"
-    scale = 1 if percent else 100
+    scale = 1 if metrics.get("accuracy_unit") == "percent" else 100
     alignment = metrics.get("alignment") or []
+    trains = metrics.get("train") or []
     results = []
     for r, test in enumerate(metrics["test"]):
-        train = [] if percent else [a * 100 for a in metrics["train"][r]]
-        final = test[-1] if percent else metrics["final_test"][r] * 100
+        train = [a * scale for a in trains[r]] if r < len(trains) else []
+        final = metrics["final_test"][r] * scale if "final_test" in metrics else test[-1]
         angle = alignment[r][-1]["angle_F"] if r < len(alignment) and alignment[r] else None
-        results.append(([a * scale for a in test] if test else [], train, final,
-                        metrics["epoch_time_s"][r], angle))
+        results.append(([a * scale for a in test], train, final, metrics["epoch_time_s"][r],
+                        angle))
     return results
 
 
@@ -985,7 +987,7 @@ def main(argv=None):
         else (argv, [])
     parser = build_parser()
     args = parser.parse_args(own)
-    utils.setup_logging(args.verbose)
+    protocol.setup_logging(args.verbose)
     handlers = {signum: signal.signal(signum, interrupt)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import functions as fn  # noqa: E402
 import main_pytorch  # noqa: E402
 import models  # noqa: E402
+import protocol  # noqa: E402
 import utils  # noqa: E402
 
 SIZES = [784, 1024, 10]
@@ -297,7 +298,7 @@ def main():
     parser.add_argument("--samples", type=utils.positive_int, default=1800,
                         help="samples timed in the per-sample loop (scaled to an epoch)")
     args = parser.parse_args()
-    utils.keep_freed_memory()
+    protocol.keep_freed_memory()
     peak = epoch_peak_memory_mb()  # first, while this process is still small
     rows = []
 

@@ -16,9 +16,11 @@ import pytest
 import torch
 from conftest import synthetic_images, write_idx
 
+import datasets
 import functions as fn
 import main
 import main_pytorch
+import protocol
 import utils
 
 
@@ -68,7 +70,7 @@ def same_results(a, b):
         for key in ("results_dir", "resume"):
             metrics["settings"].pop(key)
     for key in metrics_a:
-        if key not in ("epoch_time_s", "total_time_s"):
+        if key not in ("epoch_time_s", "total_time_s", "command"):
             assert metrics_a[key] == metrics_b[key], key
 
 
@@ -94,15 +96,22 @@ def kill_at_call(monkeypatch, module, name, calls, after=False, when=lambda *a, 
     monkeypatch.setattr(module, name, wrapper)
 
 
+def starting(run):
+    """Where the protocol saves the checkpoint that starts run `run`."""
+    return lambda self, r, epoch, payload=None: r == run and epoch == -1
+
+
+def finishing(self, status="running"):
+    return status == "finished"
+
+
 NUMPY_KILLS = {
-    "before anything was saved": (main, "save_start_checkpoint", 1, False, None),
+    "before anything was saved": (protocol.Run, "save", 1, False, starting(0)),
     "run 0, epoch 1": (fn, "train_epoch", 1, False, None),
     "run 0, epoch 2": (fn, "train_epoch", 2, False, None),
-    "between the runs": (main, "save_start_checkpoint", 1, True,
-                         lambda folder, args, run, history: run == 1),
+    "between the runs": (protocol.Run, "save", 1, True, starting(1)),
     "run 1, epoch 1": (fn, "train_epoch", 3, False, None),
-    "last writes": (main, "write_results", 1, False,
-                    lambda *args, **kwargs: "finished" in args),
+    "last writes": (protocol.Run, "write_results", 1, False, finishing),
 }
 
 
@@ -128,13 +137,11 @@ def test_numpy_multi_run_job_killed_anywhere_resumes_exactly(
 
 
 TORCH_KILLS = {
-    "before anything was saved": (main_pytorch, "save_start_checkpoint", 1, False, None),
+    "before anything was saved": (protocol.Run, "save", 1, False, starting(0)),
     "run 0, epoch 1": (main_pytorch, "train_epoch", 1, False, None),
-    "between the runs": (main_pytorch, "save_start_checkpoint", 1, True,
-                         lambda folder, args, run, history: run == 1),
+    "between the runs": (protocol.Run, "save", 1, True, starting(1)),
     "run 1, epoch 2": (main_pytorch, "train_epoch", 4, False, None),
-    "last writes": (main_pytorch, "write_results", 1, False,
-                    lambda *args, **kwargs: "finished" in args),
+    "last writes": (protocol.Run, "write_results", 1, False, finishing),
 }
 
 
@@ -340,7 +347,7 @@ def bad_files(tmp_path, images, case):
     folder = tmp_path / case.replace(" ", "_")
     if case == "header too short":
         folder.mkdir()
-        for name, array in zip(utils.MNIST_FILES, images):
+        for name, array in zip(datasets.MNIST_FILES, images):
             write_idx(folder / f"{name}.gz", array)
         with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
             f.write(b"\0\0\x08\x03\0\0")
@@ -364,7 +371,7 @@ def bad_files(tmp_path, images, case):
         npz_dataset(folder, bad, y_train, x_test, y_test)
     elif case == "flipped bytes in a .gz":
         folder.mkdir()
-        for name, array in zip(utils.MNIST_FILES, images):
+        for name, array in zip(datasets.MNIST_FILES, images):
             write_idx(folder / f"{name}.gz", array)
         path = folder / "train-images-idx3-ubyte.gz"
         data = bytearray(path.read_bytes())
@@ -403,7 +410,7 @@ def test_float_images_in_0_1_train_like_the_uint8_ones(tmp_path, images):
     x_train, y_train, x_test, y_test = images
     as_bytes = npz_dataset(tmp_path / "bytes", *images)
     as_floats = npz_dataset(tmp_path / "floats", x_train / 255, y_train, x_test / 255, y_test)
-    a, b = (utils.load_dataset("mn", folder) for folder in (as_bytes, as_floats))
+    a, b = (datasets.load_dataset("mn", folder) for folder in (as_bytes, as_floats))
     assert np.allclose(a[0], b[0], atol=1e-4) and np.array_equal(a[1], b[1])
     for folder, name in ((as_bytes, "bytes"), (as_floats, "floats")):
         run(main.main, [*NUMPY_JOB, "--exp_name", name], folder, tmp_path / "r")
@@ -476,7 +483,7 @@ def test_damaged_or_hostile_cifar_pickles_exit_2_in_one_line(tmp_path, capsys, e
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
 def test_cifar_pickles_of_every_protocol_are_read(tmp_path, protocol):
     cifar_folder(tmp_path, None, protocol)
-    x_train, y_train, x_test, y_test = utils.load_dataset("cif", tmp_path)
+    x_train, y_train, x_test, y_test = datasets.load_dataset("cif", tmp_path)
     assert x_train.shape == (20, 32, 32, 3) and y_test.shape == (4,)
 
 
@@ -522,8 +529,8 @@ def test_a_failed_download_names_its_cause(tmp_path, monkeypatch, capsys):
     def offline(code):
         raise ConnectionError("Temporary failure in name resolution")
 
-    monkeypatch.delenv(utils.DATA_DIR_ENV, raising=False)
-    monkeypatch.setattr(utils, "_download_keras", offline)
+    monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(datasets, "_download_keras", offline)
     code, line = exit_status(main.main, NUMPY_JOB, "", tmp_path / "r", capsys)
     assert code == 2 and "name resolution" in line and "--data_dir" in line
 
@@ -535,13 +542,13 @@ def test_a_failed_torchvision_download_leaves_no_empty_folder(tmp_path, monkeypa
         (Path(root) / "cifar-10-batches-py").mkdir(parents=True, exist_ok=True)
         raise ConnectionError("Temporary failure in name resolution")
 
-    monkeypatch.delenv(utils.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setattr(tvd, "CIFAR10", offline)
-    with pytest.raises(utils.DatasetError, match="pass it as DATA_DIR or"):
-        utils.load_dataset("cif", None, "torchvision", data_flag="DATA_DIR")
+    with pytest.raises(datasets.DatasetError, match="pass it as DATA_DIR or"):
+        datasets.load_dataset("cif", None, "torchvision", data_flag="DATA_DIR")
     assert not (tmp_path / ".cache" / "pepita").exists()
     (tmp_path / "kept").mkdir()
     with pytest.raises(ConnectionError):
-        utils._download_torchvision("cif", tmp_path / "kept")
+        datasets._download_torchvision("cif", tmp_path / "kept")
     assert (tmp_path / "kept").is_dir()  # a folder that was there before stays

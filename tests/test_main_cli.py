@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
+import datasets
 import main
-import utils
 
 PAPER_COMMAND = ("--exp_name Experiment1 --learn_type ERIN --n_runs 1 --train_epochs 100 "
                  "--sample_passes 2 --n_samples all --eta 0.1 --dropout 0.9 --eta_decay --mnist "
@@ -42,7 +42,10 @@ def test_paper_command_writes_published_files_and_metrics(tmp_path, mnist_dir):
     assert metrics["status"] == "finished" and metrics["seed"] == 0
     assert len(metrics["train"][0]) == len(metrics["test"][0]) == 2
     assert np.loadtxt(folder / "test_acc_tot.txt").shape == (2,)
-    assert metrics["final_test"][0] > 0.3  # well above chance (0.1) on learnable data
+    assert metrics["accuracy_unit"] == "percent"
+    assert metrics["final_test"][0] > 30  # well above chance (10%) on learnable data
+    published = np.loadtxt(folder / "test_acc_tot.txt")[-1]  # the text files: fractions
+    assert metrics["final_test"][0] == pytest.approx(100 * published, abs=1e-4)
     weights = np.load(folder / "weights_run0.npz")
     assert weights["W0"].shape == (1024, 784) and weights["F"].shape == (784, 10)
 
@@ -72,7 +75,7 @@ def test_published_flags_are_accepted(tmp_path, mnist_dir, flags):
     folder = run_main(tmp_path, mnist_dir, *flags)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["status"] == "finished"
-    assert all(0 <= a <= 1 for a in metrics["final_test"])
+    assert all(0 <= a <= 100 for a in metrics["final_test"])
 
 
 def test_check_cos_norm_writes_angles(tmp_path, mnist_dir):
@@ -93,7 +96,7 @@ def test_no_test_as_val_uses_the_published_split(tmp_path, mnist_dir):
 def test_datadebug_trains_the_one_sample(tmp_path, mnist_dir):
     folder = run_main(tmp_path, mnist_dir, "--datadebug", "--batch_size", "1", epochs=20)
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics["final_test"] == [1.0]
+    assert metrics["final_test"] == [100.0]
 
 
 def test_same_seed_same_results_different_seed_differs(tmp_path, mnist_dir):
@@ -195,10 +198,10 @@ def test_existing_results_are_never_overwritten(tmp_path, mnist_dir, capsys):
 
 
 def test_local_formats_give_the_same_arrays(tmp_path, mnist_dir):
-    from_idx = utils.load_dataset("mn", mnist_dir)
+    from_idx = datasets.load_dataset("mn", mnist_dir)
     np.savez(tmp_path / "mnist.npz", **dict(zip(("x_train", "y_train", "x_test", "y_test"),
                                                   from_idx)))
-    from_npz = utils.load_dataset("mn", tmp_path)
+    from_npz = datasets.load_dataset("mn", tmp_path)
     for a, b in zip(from_idx, from_npz):
         assert np.array_equal(a, b)
     assert from_idx[0].shape == (512, 28, 28, 1) and from_idx[0].dtype == np.uint8
@@ -213,7 +216,7 @@ def test_cifar_pickles_are_read(tmp_path):
         batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
                  "labels": list(rng.integers(0, 10, 4))}
         (folder / name).write_bytes(pickle.dumps(batch))
-    x_train, y_train, x_test, y_test = utils.load_dataset("cif", tmp_path)
+    x_train, y_train, x_test, y_test = datasets.load_dataset("cif", tmp_path)
     assert x_train.shape == (20, 32, 32, 3) and x_test.shape == (4, 32, 32, 3)
     raw = pickle.loads((folder / "data_batch_1").read_bytes())["data"][0]
     assert np.array_equal(x_train[0, :, :, 0].ravel(), raw[:1024])  # red plane first
@@ -223,7 +226,7 @@ def test_deformation_distorts_within_range():
     rng = np.random.default_rng(0)
     images = np.zeros((6, 28, 28), np.uint8)
     images[:, 8:20, 12:16] = 255
-    out = utils.deform_images(images, rng)
+    out = datasets.deform_images(images, rng)
     assert out.shape == (6, 28, 28) and out.min() == 0 and out.max() == 1
     assert not np.allclose(out, images / 255)
     assert not np.allclose(out[0], out[1])  # a fresh distortion per image
@@ -234,4 +237,4 @@ def test_real_mnist_one_epoch_of_the_paper_command(tmp_path, real_mnist):
     argv[argv.index("--train_epochs") + 1] = "1"
     folder = run_main(tmp_path, real_mnist, *argv, "--seed", "0", small=False)
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics["final_test"][0] >= 0.93
+    assert metrics["final_test"][0] >= 93

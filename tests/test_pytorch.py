@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import datasets
 import main_pytorch
 import models
-import utils
 
 README_COMMAND = ("--exp_name Experiment2 --learn_type ERIN --n_runs 1 --train_epochs 100 "
                   "--eta 0.01 --dropout 0.9 --Bstd 0.05 --eta_decay --dataset mn "
@@ -270,7 +270,8 @@ def test_real_mnist_one_epoch_of_the_readme_command(tmp_path, real_mnist):
 
 
 def test_real_cifar10_one_epoch_of_the_tutorial_net(tmp_path, real_cifar10):
-    x_train, y_train, x_test, y_test = utils.load_dataset("cif", str(real_cifar10), "torchvision")
+    x_train, y_train, x_test, y_test = datasets.load_dataset("cif", str(real_cifar10),
+                                                             "torchvision")
     assert x_train.shape == (50000, 32, 32, 3) and x_test.shape == (10000, 32, 32, 3)
     assert np.bincount(y_train.ravel()).tolist() == [5000] * 10
     assert np.bincount(y_test.ravel()).tolist() == [1000] * 10

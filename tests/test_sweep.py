@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, synthetic_images, write_idx
 
+import datasets
 import sweep
 import utils
 
@@ -39,7 +40,7 @@ def final_tests(sweep_dir):
     finals = {}
     for path in (sweep_dir / "runs").glob("*/res_*/metrics.json"):
         metrics = json.loads(path.read_text())
-        finals[path.parent.parent.name] = metrics["final_test"][0] * 100
+        finals[path.parent.parent.name] = metrics["final_test"][0]
     return finals
 
 
@@ -147,7 +148,7 @@ def mnist_4k(tmp_path_factory):
     """4096 training images: runs long enough for a kill to land between them."""
     folder = tmp_path_factory.mktemp("mnist4k")
     x, y = synthetic_images(np.random.default_rng(7), 4096 + 256, (28, 28))
-    for name, array in zip(utils.MNIST_FILES, (x[:4096], y[:4096], x[4096:], y[4096:])):
+    for name, array in zip(datasets.MNIST_FILES, (x[:4096], y[:4096], x[4096:], y[4096:])):
         write_idx(folder / f"{name}.gz", array)
     return folder
 
