@@ -3,6 +3,7 @@ run on this machine. Not a test (pytest does not collect it); run it as
 
     python tests/bench_speed.py            # about 3 minutes on 2 cores
     python tests/bench_speed.py --repeats 1
+    python tests/bench_speed.py --tiny     # seconds: that it runs (tests/test_bench.py)
 
 It prints one table: the median of --repeats timings of each figure (the figures of a
 comparison timed in turns), the speed-ups, and the fraction of the arithmetic floor (the
@@ -115,8 +116,9 @@ def engine_epoch(dtype):
 MATMUL_FLOPS = 10 * 2 * 4096 * 784 * 1024
 # The published PEPITA epoch: two full passes, the outer products, validation. (This project
 # skips most of the second pass's first-layer product: it does about 3/4 of these FLOPs.)
-EPOCH_FLOPS = (N_TRAIN * (3 * 2 * (784 * 1024 + 1024 * 10) + 2 * 784 * 10)
-               + N_TEST * 2 * (784 * 1024 + 1024 * 10))
+def epoch_flops():
+    return (N_TRAIN * (3 * 2 * (784 * 1024 + 1024 * 10) + 2 * 784 * 10)
+            + N_TEST * 2 * (784 * 1024 + 1024 * 10))
 
 
 def large_matmuls(dtype):
@@ -297,9 +299,17 @@ def main():
     parser.add_argument("--repeats", type=utils.positive_int, default=3)
     parser.add_argument("--samples", type=utils.positive_int, default=1800,
                         help="samples timed in the per-sample loop (scaled to an epoch)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="every figure on a few hundred samples, once: checks that the "
+                             "benchmark runs; its times mean nothing")
     args = parser.parse_args()
+    global N_TRAIN, N_TEST
+    n_images, batches = 50000, 100
+    if args.tiny:
+        N_TRAIN, N_TEST, n_images, batches = 640, 128, 640, 2
+        args.repeats, args.samples = 1, 64
     protocol.keep_freed_memory()
-    peak = epoch_peak_memory_mb()  # first, while this process is still small
+    peak = None if args.tiny else epoch_peak_memory_mb()  # first, while this process is small
     rows = []
 
     numpy_runs = {"loop": published_style_loop(args.samples)}
@@ -310,21 +320,20 @@ def main():
     loop = seconds["loop"] * N_TRAIN / args.samples
     for dtype in ("float64", "float32"):
         rate = MATMUL_FLOPS / seconds[f"matmul {dtype}"]
-        ours, floor = seconds[dtype], EPOCH_FLOPS / rate
+        ours, floor = seconds[dtype], epoch_flops() / rate
         rows.append((f"numpy PEPITA MNIST epoch, {dtype}", loop, ours,
                      f"floor {floor:.2f} s at {rate / 1e9:.0f} GFLOP/s: ours = "
                      f"{ours / floor:.2f} x floor"))
     del numpy_runs
 
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, 50000)
-    test_images, test_labels = images[:10000], labels[:10000]
+    images = rng.integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, n_images)
+    test_images, test_labels = images[:n_images // 5], labels[:n_images // 5]
 
     def to_tensor(images):
         return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).contiguous()
 
-    batches = 100
     seconds = in_turns({
         "published": published_tutorial(images, labels, test_images, test_labels, batches),
         "ours": project_epoch("NetFC1x1024DOcust_cif", to_tensor(images),
