@@ -372,7 +372,7 @@ def train(args):
     dtype = np.dtype(args.dtype).type
     run = protocol.Run(args, protocol.results_folder(args, folder_name(args, code)), ENGINE)
     if run.finished:
-        return run.state["history"]
+        return
     seed, data_seq, run_seqs = run.seeds()  # the resumed run's seed: the same data slice
     arrays = read_data(args, code)
     run.check_data(protocol.dataset_record(code, args.data_dir, arrays))
@@ -398,7 +398,6 @@ def train(args):
     log.info("test accuracy %.4f +- %.4f over %d run(s), %.1f s; results in %s",
              np.mean(history["final_test"]), np.std(history["final_test"]), args.n_runs,
              time.time() - run.start_time, run.folder)
-    return history
 
 
 def train_run(args, run, r, under_way, sizes, acts, run_seq, data, dtype):

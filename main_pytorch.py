@@ -402,7 +402,7 @@ def train(args):
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
     run = protocol.Run(args, protocol.results_folder(args, folder_name(args, code)), ENGINE)
     if run.finished:
-        return run.state["history"]
+        return
     seed, data_seq, run_seqs = run.seeds()
     arrays = datasets.load_dataset(code, args.data_dir, "torchvision")
     run.check_data(protocol.dataset_record(code, args.data_dir, arrays))

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+import datasets
 import utils
 from datasets import DATA_DIR_ENV, DATASETS
 from utils import DivergenceError, UsageError
@@ -111,7 +112,7 @@ def run_cli(parser, train, argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     handlers = {signum: signal.signal(signum, stop)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
-    locks_before = len(_FOLDER_LOCKS)
+    locks_before, runs_before = len(_FOLDER_LOCKS), len(OPEN_RUNS)
     try:
         args = parser.parse_args(argv)
         if args.resume and args.overwrite:
@@ -140,6 +141,7 @@ def run_cli(parser, train, argv=None):
         parser.exit(128 + signum, f"{parser.prog}: interrupted by {name}; {rerun_advice()}\n")
     finally:
         release_folder_locks(locks_before)
+        del OPEN_RUNS[runs_before:]
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
         SIGNALLED.clear()
@@ -214,7 +216,6 @@ def set_rng_state(rng, state):
 def dataset_record(code, data_dir, arrays):
     """What metrics.json and the checkpoints say of the data: its code and name, where it
     was read and the fingerprint of its arrays (as loaded, before any slice)."""
-    import datasets
     return {"code": code, "name": DATASETS.get(code, {}).get("name", code),
             "source": datasets.data_source(data_dir), "fingerprint": datasets.fingerprint(arrays)}
 
@@ -236,7 +237,6 @@ def release_folder_locks(keep=0):
     """Release the locks taken after the first `keep` (those of the run that ends)."""
     while len(_FOLDER_LOCKS) > keep:
         _FOLDER_LOCKS.pop().close()
-    del OPEN_RUNS[keep:]
 
 
 def lock_folder(folder):
@@ -369,20 +369,20 @@ class Run:
                     TypeError) as err:
                 raise checkpoint_error(self.checkpoint, err) from None
             self.args.seed = check_resume_settings(self.state["settings"], self.args)
-            self.finished = (self.state["run"] >= self.args.n_runs
-                             and metrics.get("status") == "finished")
         elif metrics.get("settings"):  # the checkpoint was lost: the run's seed is here
             self.args.seed = check_resume_settings(metrics["settings"], self.args)
-            if metrics.get("runs_finished"):
+            if metrics.get("runs_finished") and metrics.get("status") != "finished":
                 raise UsageError(
                     f"{self.checkpoint} is missing, and {metrics['runs_finished']} run(s) "
                     f"of {self.folder} had finished: their results are kept; restore the "
                     "checkpoint to resume, or start again with --overwrite")
-            log.info("%s holds no checkpoint: starting again with the run's seed %s",
-                     self.folder, self.args.seed)
+            elif metrics.get("status") != "finished":
+                log.info("%s holds no checkpoint: starting again with the run's seed %s",
+                         self.folder, self.args.seed)
         else:
             log.info("%s holds no checkpoint (no epoch had finished): starting from the "
                      "beginning", self.folder)
+        self.finished = metrics.get("status") == "finished"
         if self.finished:
             log.info("%s has finished all its %d run(s): nothing to train, its results are "
                      "kept", self.folder, self.args.n_runs)

@@ -23,6 +23,10 @@ ENTRIES = [(main.main, NUMPY_JOB), (main_pytorch.main, TORCH_JOB)]
 FIXTURES = ROOT / "tests" / "fixtures" / "checkpoints_5b6b493"
 
 
+def main_module(entry):
+    return main if entry is main.main else main_pytorch
+
+
 def files(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
@@ -97,6 +101,10 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, mnist_dir, entry, job
     assert run(entry, job, mnist_dir, tmp_path) == 0
     folder = results_dir(tmp_path)
     before = files(folder)
+    assert run(entry, [*job, "--resume"], mnist_dir, tmp_path) == 0
+    assert files(folder) == before
+    (folder / main_module(entry).ENGINE.checkpoint).unlink()  # finished: nothing is missing
+    del before[main_module(entry).ENGINE.checkpoint]
     assert run(entry, [*job, "--resume"], mnist_dir, tmp_path) == 0
     assert files(folder) == before
 
