@@ -833,7 +833,10 @@ def display_path(text):
 
 
 def display_command(command):
-    return " ".join(display_path(word) for word in command.split())
+    """A recorded command as a reader can paste it: paths as display_path gives them, and
+    the shell patterns of --only quoted."""
+    return " ".join(f"'{word}'" if set(word) & set("*?[") and word[0] not in "'\"" else
+                    display_path(word) for word in command.split())
 
 
 # ------------------------------------------------------------------------------------------
