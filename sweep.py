@@ -654,6 +654,7 @@ def collect(sweep_dir, out_root=None):
     sweep_dir = Path(sweep_dir)
     manifest = read_manifest(sweep_dir)
     differences = differences_from_paper(manifest)
+    out_given = out_root is not None
     out_root = collection_root(out_root, manifest.get("paper"), differences, sweep_dir)
     groups = group_runs(manifest, sweep_dir)
     if not groups:
@@ -681,8 +682,9 @@ def collect(sweep_dir, out_root=None):
     names = ", ".join(DATASET_NAMES.get(c, c) for c in codes)
     plot_comparison(out / "test_curves.png", curves,
                     f"{names}: test accuracy, mean ± std over seeds")
+    given_out = f" --out {display_path(str(Path(out_root).resolve()))}" if out_given else ""
     commands = [*(f"python {display_command(c)}" for c in manifest["commands"]),
-                f"python sweep.py --collect {display_path(str(sweep_dir.resolve()))}"]
+                f"python sweep.py --collect {display_path(str(sweep_dir.resolve()))}{given_out}"]
     commands = "\n".join(dict.fromkeys([*earlier["commands"], *commands]))
     utils.write_text(out / "README.md", (
         f"# {names}: collected by sweep.py\n\n"
