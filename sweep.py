@@ -1106,13 +1106,17 @@ def check_flags(specs, common):
                 dests[action.dest] = flag
 
 
-# Seconds per epoch measured here, one core per run, two runs at a time (the tables in
-# results/): the estimate of a dry run for runs that have not started.
+# Seconds per epoch measured here, one core per run, two runs at a time (on CIFAR-10 up to
+# four runs shared the two cores: the times there are high), the medians of the tables in
+# results/paper: the estimate of a dry run for runs that have not started.
 MEASURED_EPOCH_S = {
     ("numpy", "ERIN", "mn"): 14.6, ("numpy", "BP", "mn"): 13.7, ("numpy", "FA", "mn"): 12.7,
     ("numpy", "DRTP", "mn"): 10.6, ("numpy", "ERINsign", "mn"): 12.8,
     ("numpy", "DFA", "mn"): 11.3, ("Net1conv1fcXL", "ERIN", "mn"): 11.4,
     ("Net1conv1fcXL", "BP", "mn"): 16.8,
+    ("NetFC1x1024DOcust_cif", "ERIN", "cif"): 15.2, ("Net1conv1fcXL_cif", "ERIN", "cif"): 21.6,
+    ("numpy", "ERIN", "cif"): 33.1, ("Net1conv1fcXL_cif", "BP", "cif"): 48.3,
+    ("numpy", "BP", "cif"): 35.0, ("numpy", "FA", "cif"): 38.0, ("numpy", "DRTP", "cif"): 16.5,
 }
 
 
