@@ -379,8 +379,7 @@ def train(args):
     data = prepare_data(args, code, arrays, np.random.default_rng(data_seq), dtype)
     train_set, val_set, test_set, _ = data
     sizes, acts = architecture(args, train_set[0].shape[1], train_set[1].shape[1])
-    protocol.check_memory(sum(a * b for a, b in zip(sizes, sizes[1:])),
-                          np.dtype(dtype).itemsize, f"the network {sizes}")
+    protocol.check_memory(sizes, np.dtype(dtype).itemsize)
     if code != "datadebug":
         protocol.check_batch_size(args.batch_size, len(train_set[0]))
     log.debug("training set %s, validation set %s, test set %s", train_set[0].shape,

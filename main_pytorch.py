@@ -428,15 +428,9 @@ def train(args):
 def check_fits(args, data, n_classes):
     """The batch size and the model against the data, before any folder is created."""
     n_train = len(data[0])
-    protocol.check_batch_size(args.batch_size, n_train)
-    if args.followup_loop and n_train < args.batch_size:
-        raise UsageError(f"--followup_loop drops the last partial batch, and the {n_train} "
-                         f"training images make no full batch of {args.batch_size}: use a "
-                         "smaller --batch_size or more --n_samples")
+    protocol.check_batch_size(args.batch_size, n_train)  # so --followup_loop has a full batch
     if args.model == "NetFC":
-        sizes = [data[0][0].numel(), *(args.fc_hidden or [1024]), n_classes]
-        protocol.check_memory(sum(a * b for a, b in zip(sizes, sizes[1:])), 4,
-                              f"the network {sizes}")
+        protocol.check_memory([data[0][0].numel(), *(args.fc_hidden or [1024]), n_classes], 4)
     try:
         models.build_model(args.model, data[0].shape[1:], n_classes, args.w_init,
                            hidden=args.fc_hidden)  # does it fit the data?

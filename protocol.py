@@ -183,17 +183,19 @@ def check_batch_size(batch_size, n_train):
                          f"samples: no batch would be full; use at most {n_train}")
 
 
-def check_memory(n_values, itemsize, what):
-    """Refuse a network whose weights alone exceed this machine's memory."""
+def check_memory(sizes, itemsize):
+    """Refuse a fully connected network (layer sizes) whose weights alone exceed this
+    machine's memory."""
+    n_values = sum(a * b for a, b in zip(sizes, sizes[1:]))
     needed = n_values * itemsize
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return
     if needed > total:
-        raise UsageError(f"{what} holds {n_values:.3g} weights ({needed / 2**30:.3g} GiB), "
-                         f"more than this machine's {total / 2**30:.3g} GiB of memory; use "
-                         "smaller layers")
+        raise UsageError(f"the network {sizes} holds {n_values:.3g} weights "
+                         f"({needed / 2**30:.3g} GiB), more than this machine's "
+                         f"{total / 2**30:.3g} GiB of memory; use smaller layers")
 
 
 def seed_sequences(seed, n_runs):
