@@ -311,6 +311,7 @@ def check_resume_settings(saved, args):
 
 
 def read_metrics(folder):
+    """A results folder's metrics.json, or None (not written yet, being replaced, damaged)."""
     try:
         metrics = json.loads((Path(folder) / "metrics.json").read_text())
     except (OSError, ValueError):
@@ -345,7 +346,6 @@ class Run:
         self.state = None  # the saved state that --resume continues
         self.data = None
         self.finished = False
-        self.start_time = time.time()
         if args.resume:
             self.read_saved()
 

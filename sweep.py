@@ -268,11 +268,9 @@ def run_folder(run_dir):
 
 
 def read_metrics(run_dir):
+    """The metrics.json of a trial's results folder, or None (not written yet)."""
     folder = run_folder(run_dir)
-    try:
-        return json.loads((folder / "metrics.json").read_text()) if folder else None
-    except (OSError, ValueError):  # not written yet, or being replaced
-        return None
+    return protocol.read_metrics(folder) if folder else None
 
 
 def read_record(run_dir):
