@@ -1106,7 +1106,8 @@ def check_flags(specs, common):
 
 # Seconds per epoch measured here, one core per run, two runs at a time (on CIFAR-10 up to
 # four runs shared the two cores: the times there are high), the medians of the tables in
-# results/paper: the estimate of a dry run for runs that have not started.
+# results/paper and results/followup (keyed by depth there): the estimate of a dry run for
+# runs that have not started.
 MEASURED_EPOCH_S = {
     ("numpy", "ERIN", "mn"): 14.6, ("numpy", "BP", "mn"): 13.7, ("numpy", "FA", "mn"): 12.7,
     ("numpy", "DRTP", "mn"): 10.6, ("numpy", "ERINsign", "mn"): 12.8,
@@ -1115,7 +1116,15 @@ MEASURED_EPOCH_S = {
     ("NetFC1x1024DOcust_cif", "ERIN", "cif"): 15.2, ("Net1conv1fcXL_cif", "ERIN", "cif"): 21.6,
     ("numpy", "ERIN", "cif"): 33.1, ("Net1conv1fcXL_cif", "BP", "cif"): 48.3,
     ("numpy", "BP", "cif"): 35.0, ("numpy", "FA", "cif"): 38.0, ("numpy", "DRTP", "cif"): 16.5,
+    ("NetFC", "PEPITA", "cif", "depth1"): 15.9, ("NetFC", "PEPITA+WD+WM", "cif", "depth1"): 28.0,
 }
+
+
+def measured_epoch_s(spec):
+    """MEASURED_EPOCH_S of a run: its variant's entry (the follow-up's depths), else its
+    rule's on the dataset (a grid run of the same rule and net); None when not measured."""
+    key = (spec["path"], spec["rule"], code_of(spec))
+    return MEASURED_EPOCH_S.get((*key, spec["variant"]), MEASURED_EPOCH_S.get(key))
 
 
 def time_estimate(specs, sweep_dir, args):
@@ -1128,16 +1137,17 @@ def time_estimate(specs, sweep_dir, args):
         metrics = read_metrics(sweep_dir / "runs" / spec["name"])
         done, _ = progress(metrics)
         times = [t for run in (metrics or {}).get("epoch_time_s", []) for t in run]
-        per_epoch = (float(np.median(times)) if times
-                     else MEASURED_EPOCH_S.get((spec["path"], spec["rule"], code_of(spec))))
+        per_epoch = float(np.median(times)) if times else measured_epoch_s(spec)
         if per_epoch is None:
             unknown.append(spec["name"])
         elif (metrics or {}).get("status") != "finished":
             left.append(per_epoch * max(epochs - done, 0))
+    if len(unknown) == len(specs):
+        return "estimated time: unknown (no run of this sweep has a measured time per epoch)"
     parallel = max(1, (os.cpu_count() or 1) // args.cpus_per_trial) if not args.address else 1
+    cores = f"{args.cpus_per_trial} core{'s' if args.cpus_per_trial > 1 else ''} each"
     text = (f"estimated time: about {sum(left) / parallel / 3600:.1f} h with {parallel} "
-            f"trial{'s' if parallel > 1 else ''} at once (one core each, measured times per "
-            "epoch)")
+            f"trial{'s' if parallel > 1 else ''} at once ({cores}, measured times per epoch)")
     if unknown:
         text += f"; {len(unknown)} run(s) have no measured time per epoch and are not counted"
     return text

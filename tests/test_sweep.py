@@ -325,7 +325,23 @@ def test_a_dry_run_says_where_the_outputs_go_and_how_long_it_takes(tmp_path, cap
     seconds = 100 * (3 * 11.4 + 3 * 14.6 + 16.8 + 13.7 + 12.7 + 10.6 + 12.8 + 11.3)
     parallel = os.cpu_count()
     assert tail[1] == (f"estimated time: about {seconds / parallel / 3600:.1f} h with "
-                       f"{parallel} trials at once (one core each, measured times per epoch)")
+                       f"{parallel} trials at once (1 core each, measured times per epoch)")
+
+
+def test_a_dry_run_estimates_the_followup_depths_and_says_when_it_cannot(tmp_path, capsys):
+    assert sweep.main(["--followup", "cifar10", "--sweep_dir", str(tmp_path), "--dry_run",
+                       "--only", "NetFC_PEPITA_depth1_seed0,NetFC_PEPITA-WD-WM_depth1_seed0",
+                       "--cpus_per_trial", "2"]) == 0
+    parallel = max(1, os.cpu_count() // 2)
+    seconds = 100 * (sweep.MEASURED_EPOCH_S[("NetFC", "PEPITA", "cif", "depth1")]
+                     + sweep.MEASURED_EPOCH_S[("NetFC", "PEPITA+WD+WM", "cif", "depth1")])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"estimated time: about {seconds / parallel / 3600:.1f} h with {parallel} "
+        f"trial{'s' if parallel > 1 else ''} at once (2 cores each, measured times per epoch)")
+    assert sweep.main(["--script", "main_pytorch.py", "--grid", "eta=0.1,0.2", "--sweep_dir",
+                       str(tmp_path), "--dry_run", "--", "--model", "NetFC"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "estimated time: unknown (no run of this sweep has a measured time per epoch)")
 
 
 def damaged_sweep_folder(tmp_path, case):
