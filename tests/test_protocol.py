@@ -212,13 +212,23 @@ def test_a_checkpoint_of_the_code_before_the_protocol_still_resumes(tmp_path, mn
     if kind == "numpy":
         same_results(straight, resumed)
         return
+    # torch's float32 kernels round differently on other processors (AVX2, AVX-512), and the
+    # fixture's run 0 and epoch 1 were computed on another machine: equal to rounding here
     for r in range(2):
         a, b = (torch.load(f / f"weights_run{r}.pt", weights_only=True)
                 for f in (straight, resumed))
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert snapshot(straight) == snapshot(resumed)
+        assert all(torch.allclose(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
+                   for k in a["model"])
+    files, resumed_files = snapshot(straight), snapshot(resumed)
+    assert files.keys() == resumed_files.keys()
+    for name in files:
+        if name.endswith(".txt"):
+            assert np.allclose(np.loadtxt(straight / name), np.loadtxt(resumed / name),
+                               rtol=1e-5, atol=1e-6), name
+        else:
+            assert files[name] == resumed_files[name], name
     a, b = (json.loads((f / "metrics.json").read_text()) for f in (straight, resumed))
-    assert a["test"] == b["test"] and a["loss"] == b["loss"]
+    assert a["test"] == b["test"] and np.allclose(a["loss"], b["loss"], rtol=1e-5)
     # run 0's angles were measured by the earlier code's formula: equal to rounding
     angles = [[[e["angle_F"] for e in run] for run in m["alignment"]] for m in (a, b)]
     assert np.allclose(angles[0], angles[1], rtol=0, atol=1e-4)
