@@ -47,7 +47,10 @@ SCRIPTS = ("main.py", "main_pytorch.py")
 POLL_S = 2.0
 SLOWNESS_FIT_EPOCHS = 60
 ZOOM_POINTS = 3.0
-PAPER_RESULTS = ROOT / "results" / "paper"  # tracked: written by paper-settings sweeps only
+# tracked: written only by sweeps with their preset's settings
+PAPER_RESULTS = ROOT / "results" / "paper"
+FOLLOWUP_RESULTS = ROOT / "results" / "followup"
+PRESET_AUTHORS = {"paper": "paper", "followup": "follow-up"}
 
 # ------------------------------------------------------------------------------------------
 # Presets: the README's paper commands
@@ -208,16 +211,32 @@ def make_spec(script, flags, rule, seed, variant=""):
             "seed": seed, "flags": flags}
 
 
+def preset_specs(preset, dataset, seeds, other_seeds, common=()):
+    """The run specs of a preset ("paper" or "followup") for a dataset, in order."""
+    if preset == "paper":
+        return [make_spec(script, [*flags, "--seed", str(seed), *common], rule, seed)
+                for script, rule, seed, flags in paper_runs(dataset, seeds, other_seeds)]
+    return [make_spec("main_pytorch.py", [*flags, "--seed", str(seed), *common], rule, seed,
+                      variant)
+            for rule, variant, seed, flags in followup_runs(dataset, seeds)]
+
+
+def preset_of(manifest):
+    """(preset, dataset) of a sweep's manifest or of a sweep's arguments, or None (a grid)."""
+    return next(((preset, manifest[preset]) for preset in PRESET_AUTHORS
+                 if manifest.get(preset)), None)
+
+
+def tracked_results(preset):
+    """The committed results folder of a preset."""
+    return {"paper": PAPER_RESULTS, "followup": FOLLOWUP_RESULTS}[preset]
+
+
 def build_runs(args, common):
     """Every run spec of the sweep, in order; common: flags for every run."""
-    if args.paper:
-        specs = [make_spec(script, [*flags, "--seed", str(seed), *common], rule, seed)
-                 for script, rule, seed, flags in paper_runs(args.paper, args.seeds,
-                                                             args.other_seeds)]
-    elif args.followup:
-        specs = [make_spec("main_pytorch.py", [*flags, "--seed", str(seed), *common], rule,
-                           seed, variant)
-                 for rule, variant, seed, flags in followup_runs(args.followup, args.seeds)]
+    preset = preset_of(vars(args))
+    if preset:
+        specs = preset_specs(*preset, args.seeds, args.other_seeds, common)
     else:
         grid = list(args.grid)
         if not any(item.startswith("seed=") for item in grid):
@@ -651,9 +670,9 @@ def collect(sweep_dir, out_root=None):
     row of the same rule and net, the others are kept with their curves and commands."""
     sweep_dir = Path(sweep_dir)
     manifest = read_manifest(sweep_dir)
-    differences = differences_from_paper(manifest)
+    differences = differences_from_preset(manifest)
     out_given = out_root is not None
-    out_root = collection_root(out_root, manifest.get("paper"), differences, sweep_dir)
+    out_root = collection_root(out_root, preset_of(manifest), differences, sweep_dir)
     groups = group_runs(manifest, sweep_dir)
     if not groups:
         raise UsageError(f"{sweep_dir}: no run has finished yet; run the sweep first")
@@ -749,20 +768,23 @@ def parse_table_row(line, with_angle):
 
 
 def collection_root(out, preset, differences, sweep_dir):
-    """Where a sweep's tables go: --out when given (never results/paper for a sweep without
-    the paper's settings), else results/paper for a paper-settings sweep, else its folder."""
+    """Where a sweep's tables go: --out when given (never a preset's committed results for
+    a sweep without its settings), else the committed results of a preset-settings sweep
+    (results/paper, results/followup), else its folder."""
     if out:
-        refuse_paper_results(out, preset, differences)
+        refuse_tracked_results(out, preset, differences)
         return Path(out)
-    return PAPER_RESULTS if preset and not differences else Path(sweep_dir)
+    return tracked_results(preset[0]) if preset and not differences else Path(sweep_dir)
 
 
 def collection_notes(manifest, differences):
     """Lines that a table must carry: how its settings differ from the paper's, and which
     copy of CIFAR-10 it ran on."""
     notes = []
-    if manifest.get("paper") and differences:
-        notes.append("**Not the paper's settings**: " + "; ".join(differences) + ".")
+    preset = preset_of(manifest)
+    if preset and differences:
+        notes.append(f"**Not the {PRESET_AUTHORS[preset[0]]}'s settings**: "
+                     + "; ".join(differences) + ".")
     data = {flag_value(spec["flags"], ("--data_dir",), None) for spec in manifest["runs"]
             if code_of(spec) == "cif"}
     if any(is_jpeg_cifar10(d) for d in data if d):
@@ -1039,8 +1061,9 @@ def sweep(args, common, own):
     sweep_dir = Path(args.sweep_dir or "results/sweeps/" + (
         f"paper_{args.paper}" if args.paper else
         f"followup_{args.followup}" if args.followup else "grid"))
-    differences = differences_from_paper({"paper": args.paper, "runs": specs})
-    out_root = collection_root(args.out, args.paper, differences, sweep_dir)
+    preset = preset_of(vars(args))
+    differences = differences_from_preset({**vars(args), "runs": specs})
+    out_root = collection_root(args.out, preset, differences, sweep_dir)
     check_flags(specs, common)
     if args.dry_run:
         for spec in specs:
@@ -1059,9 +1082,10 @@ def sweep(args, common, own):
              len(specs) - failed, len(specs))
     if failed < len(specs):
         _, out = collect(sweep_dir, args.out)
-        if args.paper and differences and not args.out:
-            log.info("not the paper's settings (%s): collected into the sweep's folder, not "
-                     "into %s", "; ".join(differences), display_path(str(PAPER_RESULTS)))
+        if preset and differences and not args.out:
+            log.info("not the %s's settings (%s): collected into the sweep's folder, not "
+                     "into %s", PRESET_AUTHORS[preset[0]], "; ".join(differences),
+                     display_path(str(tracked_results(preset[0]))))
         log.info("table, curves and figure in %s", out)
     return 1 if failed else 0
 
@@ -1158,27 +1182,39 @@ def time_estimate(specs, sweep_dir, args):
     return text
 
 
-def differences_from_paper(manifest):
-    """How the runs of a --paper sweep differ from the preset's settings ([] when they are
-    the paper's: 100 epochs, the full data, nothing added); --data_dir and --device aside.
-    Settings are compared as the scripts read them, so "--eta 0.1 --eta 0.01" is --eta 0.01."""
-    if not manifest.get("paper"):
+def differences_from_preset(manifest):
+    """How the runs of a --paper or --followup sweep differ from the preset's settings ([]
+    when they are the preset's: 100 epochs, the full data, nothing added); --data_dir and
+    --device aside. Settings are compared as the scripts read them, so "--eta 0.1 --eta
+    0.01" is --eta 0.01."""
+    preset = preset_of(manifest)
+    if not preset:
         return []
     seeds = 1 + max(spec["seed"] for spec in manifest["runs"])
-    expected = {}
-    for script, rule, seed, flags in paper_runs(manifest["paper"], seeds, seeds):
-        expected[make_spec(script, flags, rule, seed)["name"]] = [*flags, "--seed", str(seed)]
+    expected = {spec["name"]: spec["flags"] for spec in preset_specs(*preset, seeds, seeds)}
     found, parsers = set(), {}
     for spec in manifest["runs"]:
         if spec["name"] not in expected:
             found.add(f"{spec['name']} is not a run of the preset")
             continue
         parser = parsers.setdefault(spec["script"], entry_parser(spec["script"]))
-        ours, paper = (vars(parser.parse_args(without_flags(flags, ("--data_dir", "--device"))))
-                       for flags in (spec["flags"], expected[spec["name"]]))
-        found.update(f"--{key} {ours[key]} (the paper's: {paper[key]})" for key in ours
-                     if ours[key] != paper[key])
+        ours, theirs = (read_settings(parser, spec["script"], flags)
+                        for flags in (spec["flags"], expected[spec["name"]]))
+        author = PRESET_AUTHORS[preset[0]]
+        found.update(f"--{key} {ours.get(key)} (the {author}'s: {theirs.get(key)})"
+                     for key in {**ours, **theirs} if ours.get(key) != theirs.get(key))
     return sorted(found)
+
+
+def read_settings(parser, script, flags):
+    """The settings a script reads from flags, --data_dir and --device aside; with --mirror,
+    main_pytorch.py's mirroring settings as it fills them in."""
+    settings = vars(parser.parse_args(without_flags(flags, ("--data_dir", "--device"))))
+    if script == "main_pytorch.py" and settings["mirror"]:
+        import main_pytorch
+        settings = {**{name: value for name, value, _ in main_pytorch.MIRROR_SETTINGS},
+                    **settings}
+    return settings
 
 
 def without_flags(flags, names):
@@ -1194,17 +1230,20 @@ def without_flags(flags, names):
     return kept
 
 
-def refuse_paper_results(out_root, preset, differences):
-    """results/paper is the repository's measured table: only sweeps with the paper's
-    settings may write there."""
+def refuse_tracked_results(out_root, preset, differences):
+    """results/paper and results/followup are the repository's measured tables: only
+    sweeps with their preset's settings may write there."""
     out_root = Path(out_root).resolve()
-    inside = out_root == PAPER_RESULTS or PAPER_RESULTS in out_root.parents
-    if inside and (not preset or differences):
-        why = "; ".join(differences) if differences else "not a --paper sweep"
-        raise UsageError(f"{display_path(str(PAPER_RESULTS))} holds the paper's measured "
-                         f"results; this sweep differs from the paper's settings ({why}): "
-                         "leave out --out (it then collects into its own --sweep_dir) or "
-                         "choose another")
+    for name, author in PRESET_AUTHORS.items():
+        tracked = tracked_results(name)
+        inside = out_root == tracked or tracked in out_root.parents
+        own = preset is not None and preset[0] == name
+        if inside and (not own or differences):
+            why = "; ".join(differences) if own else f"not a --{name} sweep"
+            raise UsageError(f"{display_path(str(tracked))} holds the {author}'s measured "
+                             f"results; this sweep differs from its settings ({why}): leave "
+                             "out --out (it then collects into its own --sweep_dir) or "
+                             "choose another")
 
 
 def write_manifest(sweep_dir, specs, args, own, common):
@@ -1226,6 +1265,7 @@ def add_to_manifest(path, specs, args, own, common):
         known[spec["name"]] = spec
     command = " ".join(["sweep.py", *own] + (["--", *common] if common else []))
     manifest.update(runs=list(known.values()), paper=manifest.get("paper") or args.paper,
+                    followup=manifest.get("followup") or args.followup,
                     commands=list(dict.fromkeys([*manifest["commands"], command])))
     utils.write_json(path, manifest)
 

@@ -184,8 +184,8 @@ def test_a_killed_sweep_rerun_retrains_nothing_finished(tmp_path, mnist_4k):
             (tmp_path / "straight" / "mnist" / "curves.csv").read_text())
 
 
-def prepared_paper_sweep(sweep_dir, own, common=(), run="numpy_ERIN_seed0"):
-    """A --paper mnist sweep folder as sweep.py writes it, with one numpy run finished (its
+def prepared_sweep(sweep_dir, own, common=(), run="numpy_ERIN_seed0"):
+    """A preset's sweep folder as sweep.py writes it, with one run finished (its
     metrics.json as main.py writes it), without running anything."""
     args = sweep.build_parser().parse_args(own)
     args.other_seeds = args.other_seeds or args.seeds
@@ -209,6 +209,18 @@ def paper_results(tmp_path, monkeypatch):
     return paper
 
 
+@pytest.fixture
+def followup_results(tmp_path, monkeypatch):
+    """sweep.FOLLOWUP_RESULTS moved to a copy of the committed results/followup/cifar10."""
+    followup = tmp_path / "followup"
+    (followup / "cifar10").mkdir(parents=True)
+    for name in ("table.md", "curves.csv", "README.md"):
+        (followup / "cifar10" / name).write_bytes(
+            (ROOT / "results/followup/cifar10" / name).read_bytes())
+    monkeypatch.setattr(sweep, "FOLLOWUP_RESULTS", followup.resolve())
+    return followup
+
+
 def folder_bytes(folder):
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -217,7 +229,7 @@ def test_a_small_settings_paper_sweep_leaves_the_paper_results_unchanged(tmp_pat
                                                                           paper_results):
     before = folder_bytes(paper_results)
     sweep_dir = tmp_path / "small"
-    prepared_paper_sweep(sweep_dir, ["--paper", "mnist", "--epochs", "1"], ["--n_samples", "500"])
+    prepared_sweep(sweep_dir, ["--paper", "mnist", "--epochs", "1"], ["--n_samples", "500"])
     assert sweep.main(["--collect", str(sweep_dir)]) == 0
     assert folder_bytes(paper_results) == before
     note = (sweep_dir / "mnist" / "table.md").read_text().splitlines()[0]
@@ -233,7 +245,7 @@ def test_a_small_settings_paper_sweep_leaves_the_paper_results_unchanged(tmp_pat
 
 def test_a_paper_settings_sweep_collects_into_the_paper_results(tmp_path, paper_results):
     sweep_dir = tmp_path / "full"
-    prepared_paper_sweep(sweep_dir, ["--paper", "mnist"])
+    prepared_sweep(sweep_dir, ["--paper", "mnist"])
     assert sweep.main(["--collect", str(sweep_dir)]) == 0
     table = (paper_results / "mnist" / "table.md").read_text()
     assert not table.startswith("**Not")
@@ -241,11 +253,45 @@ def test_a_paper_settings_sweep_collects_into_the_paper_results(tmp_path, paper_
     assert not (sweep_dir / "mnist").exists()
 
 
+def test_a_followup_sweep_with_other_settings_leaves_the_followup_results_unchanged(
+        tmp_path, followup_results):
+    before = folder_bytes(followup_results)
+    sweep_dir = tmp_path / "mirror100"
+    run = "NetFC_PEPITA-WD-WM_depth2_seed0"
+    prepared_sweep(sweep_dir, ["--followup", "cifar10", "--only", run], ["--mirror_every", "100"],
+                   run=run)
+    assert sweep.main(["--collect", str(sweep_dir)]) == 0
+    assert folder_bytes(followup_results) == before
+    note = (sweep_dir / "cifar10" / "table.md").read_text().splitlines()[0]
+    assert note == ("**Not the follow-up's settings**: --mirror_every 100 (the follow-up's: "
+                    "1).")
+    for argv in (["--collect", str(sweep_dir), "--out", str(followup_results)],
+                 ["--paper", "cifar10", "--out", str(followup_results), "--dry_run"]):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(argv)
+        assert exit_info.value.code == 2
+    assert folder_bytes(followup_results) == before
+
+
+def test_a_followup_settings_sweep_replaces_its_row_of_the_followup_results(
+        tmp_path, followup_results):
+    sweep_dir = tmp_path / "full"
+    run = "NetFC_PEPITA_depth1_seed0"
+    prepared_sweep(sweep_dir, ["--followup", "cifar10", "--only", run], run=run)
+    assert sweep.main(["--collect", str(sweep_dir)]) == 0
+    rows = [line for line in (followup_results / "cifar10" / "table.md").read_text()
+            .splitlines() if line.startswith("| PEPITA | NetFC depth")]
+    assert [row for row in rows if "97.00 (n = 1)" in row] == [
+        next(row for row in rows if row.startswith("| PEPITA | NetFC depth1 |"))]
+    assert len(rows) == 3  # depths 2 and 3: the committed rows
+    assert not (sweep_dir / "cifar10").exists()
+
+
 def test_a_second_sweep_adds_its_rows_to_the_collected_ones(tmp_path, paper_results):
     committed = (paper_results / "mnist" / "table.md").read_text().splitlines()
-    prepared_paper_sweep(tmp_path / "first", ["--paper", "mnist"])
+    prepared_sweep(tmp_path / "first", ["--paper", "mnist"])
     assert sweep.main(["--collect", str(tmp_path / "first")]) == 0
-    prepared_paper_sweep(tmp_path / "second", ["--paper", "mnist", "--only", "numpy_BP_*"],
+    prepared_sweep(tmp_path / "second", ["--paper", "mnist", "--only", "numpy_BP_*"],
                          run="numpy_BP_seed0")
     assert sweep.main(["--collect", str(tmp_path / "second")]) == 0
     folder = paper_results / "mnist"
@@ -346,7 +392,7 @@ def test_a_dry_run_estimates_the_followup_depths_and_says_when_it_cannot(tmp_pat
 
 def damaged_sweep_folder(tmp_path, case):
     folder = tmp_path / case.replace(" ", "_")
-    prepared_paper_sweep(folder, ["--paper", "mnist", "--epochs", "1"])
+    prepared_sweep(folder, ["--paper", "mnist", "--epochs", "1"])
     manifest = folder / "sweep.json"
     if case == "cut manifest":
         manifest.write_text(manifest.read_text()[:40])
@@ -378,7 +424,7 @@ def test_damaged_sweep_records_are_one_line(tmp_path, capsys, paper_results, cas
 def test_folders_under_a_plain_file_are_one_line(tmp_path, capsys, paper_results):
     (tmp_path / "file").write_text("")
     sweep_dir = tmp_path / "sweep"
-    prepared_paper_sweep(sweep_dir, ["--paper", "mnist", "--epochs", "1"])
+    prepared_sweep(sweep_dir, ["--paper", "mnist", "--epochs", "1"])
     for argv in (["--collect", str(sweep_dir), "--out", str(tmp_path / "file" / "x")],
                  ["--grid", "eta=0.1", "--sweep_dir", str(tmp_path / "file" / "x"), "--",
                   *SMALL]):
