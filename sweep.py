@@ -13,8 +13,8 @@ Each run is one trial running the entry script in its own results folder
 (<sweep_dir>/runs/<name>/), so the scripts' checkpoints are the one resume mechanism: the same
 command again skips finished runs and resumes the others from their last epoch. Without
 --address, Ray runs embedded on this machine's cores. `python sweep.py --collect DIR` writes
-table.md, curves.csv, test_curves.png and README.md of a sweep folder (see README.md,
-"Reproducing the paper").
+table.md, curves.csv, test_curves.png and README.md of a sweep folder (report.py; see
+README.md, "Reproducing the paper").
 """
 import contextlib
 import ctypes
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 import protocol
+import report
 import utils
 from utils import UsageError
 
@@ -45,8 +46,6 @@ log = logging.getLogger("pepita.sweep")
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = ("main.py", "main_pytorch.py")
 POLL_S = 2.0
-SLOWNESS_FIT_EPOCHS = 60
-ZOOM_POINTS = 3.0
 # tracked: written only by sweeps with their preset's settings
 PAPER_RESULTS = ROOT / "results" / "paper"
 FOLLOWUP_RESULTS = ROOT / "results" / "followup"
@@ -81,32 +80,6 @@ FOLLOWUP_CONFIGS = (  # (label, flags): the mode its paper calls PEPITA, + WD, +
 )
 NUMPY_RULES = ("ERIN", "BP", "FA", "DRTP", "ERINsign", "DFA")  # the paper's rules first
 PRESET_DATASETS = {"mnist": "mn", "cifar10": "cif", "cifar100": "cif100"}
-
-# The paper's Table 1 (../shared/pepita-reference.md, section 5): mean, std of the final
-# test accuracy (%), per dataset, kind of net and rule.
-PAPER_TABLE = {
-    "mn": {"FC": {"BP": (98.63, 0.03), "FA": (98.42, 0.07), "DRTP": (95.10, 0.10),
-                  "ERIN": (98.01, 0.09)},
-           "conv": {"BP": (98.86, 0.04), "ERIN": (98.29, 0.13)}},
-    "cif": {"FC": {"BP": (55.27, 0.52), "FA": (53.82, 0.24), "DRTP": (45.89, 0.16),
-                   "ERIN": (52.57, 0.36)},
-            "conv": {"BP": (64.99, 0.32), "ERIN": (56.33, 1.35)}},
-    "cif100": {"FC": {"BP": (27.58, 0.09), "ERIN": (24.91, 0.22)},
-               "conv": {"BP": (34.20, 0.20), "ERIN": (27.56, 0.60)}},
-}
-PAPER_RULES = ("BP", "FA", "DRTP", "ERIN")  # the table's rows, in its order
-
-
-def net_kind(path):
-    """The paper's kind of net ("FC" or "conv") of a path label, or None for other nets."""
-    if path == "numpy" or path.startswith("NetFC1x1024DOcust"):
-        return "FC"
-    return "conv" if path.startswith("Net1conv1fcXL") else None
-
-
-def paper_value(code, path, rule):
-    """(mean, std) of the paper's cell for this dataset, net and rule, or None."""
-    return PAPER_TABLE.get(code, {}).get(net_kind(path), {}).get(rule)
 
 
 def paper_runs(preset, seeds, other_seeds):
@@ -515,7 +488,7 @@ def summarize(specs, sweep_dir):
 
 
 # ------------------------------------------------------------------------------------------
-# Collection: table.md, curves.csv, test_curves.png, README.md
+# Collection: the finished runs of a sweep folder, handed to report.py
 # ------------------------------------------------------------------------------------------
 def run_results(run_dir):
     """Per run of a finished trial: (test curve %, train curve %, final test %, epoch
@@ -562,78 +535,6 @@ def group_runs(manifest, sweep_dir):
     return groups
 
 
-def table_rows(groups):
-    """One row per (path, rule, variant), with the paper's value where it has one."""
-    rows = []
-    for (path, rule, variant), runs in groups.items():
-        finals = np.array([r["final"] for r in runs])
-        length = min(len(r["test"]) for r in runs)
-        paper = paper_value(runs[0]["code"], path, rule)
-        fit = None
-        if length >= 2:
-            mean_curve = np.mean([r["test"][:length] for r in runs], axis=0) / 100
-            fit = utils.compute_slowness(mean_curve, fit_epochs=SLOWNESS_FIT_EPOCHS)
-        distance = (np.mean(finals) - paper[0]) / paper[1] if paper else None
-        angles = [r["angle"] for r in runs if r["angle"] is not None]
-        rows.append({
-            "rule": utils.run_label(rule), "path": path, "variant": variant,
-            "seeds": len(runs), "mean": float(np.mean(finals)), "std": float(np.std(finals)),
-            "paper": paper, "distance": distance,
-            "slowness": fit["slowness"] if fit else None,
-            "acc_max": fit["acc_max"] * 100 if fit else None, "epochs": length,
-            "epoch_s": float(np.median(np.concatenate([r["times"] for r in runs]))),
-            "angle": float(np.mean(angles)) if angles else None,
-            "machine": "; ".join(sorted({r["machine"] for r in runs}))})
-    return rows
-
-
-def table_markdown(rows):
-    """The table; a column of the final angle between F and the forward weights' product
-    when some runs logged it (PEPITA in the PyTorch path's fully connected nets)."""
-    with_angle = any(row["angle"] is not None for row in rows)
-    lines = ["| rule | path | seeds | epochs | test accuracy (%) | paper | distance (paper std) "
-             "| slowness | acc_max (%) | s / epoch |" + (" angle F (°) |" if with_angle else "")
-             + " machine |", "|---|---|---|---|---|---|---|---|---|---|---|"
-             + ("---|" if with_angle else "")]
-    for row in rows:
-        paper = f"{row['paper'][0]:.2f} ± {row['paper'][1]:.2f}" if row["paper"] else "–"
-        distance = "–" if row["distance"] is None else format_distance(row["distance"])
-        fit = (f"{row['slowness']:.4f} | {row['acc_max']:.2f}" if row["slowness"] is not None
-               else "– | –")
-        label = row["path"] + (f" {row['variant']}" if row["variant"] else "")
-        angle = ""
-        if with_angle:
-            angle = " – |" if row["angle"] is None else f" {row['angle']:.1f} |"
-        lines.append(f"| {row['rule']} | {label} | {row['seeds']} | {row['epochs']} | "
-                     f"{format_accuracy(row['mean'], row['std'], row['seeds'])} | {paper} | "
-                     f"{distance} | {fit} | "
-                     f"{row['epoch_s']:.1f} |{angle} {row['machine']} |")
-    return "\n".join(lines) + "\n"
-
-
-def format_accuracy(mean, std, n):
-    """'98.06 ± 0.04' over several seeds; one seed has no spread: '90.50 (n = 1)'."""
-    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f} (n = 1)"
-
-
-def format_distance(distance):
-    """The distance to the paper in its std, marked beyond 2."""
-    return f"{distance:+.1f}" + (" **(> 2)**" if abs(distance) > 2 else "")
-
-
-def write_curves_csv(path, groups, kept=()):
-    """Every run's curves, after the kept lines of an earlier collect."""
-    lines = ["rule,path,variant,seed,epoch,train_acc_percent,test_acc_percent", *kept]
-    for (path_label_, rule, variant), runs in groups.items():
-        for run in runs:
-            for epoch, test in enumerate(run["test"], start=1):
-                train = run["train"][epoch - 1] if epoch <= len(run["train"]) else ""
-                train = f"{train:.4f}" if train != "" else ""
-                lines.append(f"{rule},{path_label_},{variant},{run['seed']},{epoch},{train},"
-                             f"{test:.4f}")
-    utils.write_text(path, "\n".join(lines) + "\n")
-
-
 SPEC_KEYS = {"name": str, "script": str, "path": str, "rule": str, "variant": str,
              "seed": (int, str), "flags": list}  # a grid's seeds are its --grid values
 
@@ -664,10 +565,9 @@ def read_manifest(sweep_dir):
 
 def collect(sweep_dir, out_root=None):
     """Write the table, curves, figure and README of the sweep in sweep_dir into
-    out_root/<dataset>/ (default: results/paper for a sweep with the paper's settings, else
-    the sweep folder); returns (rows, folder). Only finished runs count. What the folder
-    already holds from earlier sweeps stays: a (rule, net) row of this sweep replaces the
-    row of the same rule and net, the others are kept with their curves and commands."""
+    out_root/<dataset>/ (default: the preset's committed results for a sweep with its
+    settings, else the sweep folder); returns (rows, folder). Only finished runs count; what
+    the folder holds from earlier sweeps stays (report.write_collection)."""
     sweep_dir = Path(sweep_dir)
     manifest = read_manifest(sweep_dir)
     differences = differences_from_preset(manifest)
@@ -676,95 +576,12 @@ def collect(sweep_dir, out_root=None):
     groups = group_runs(manifest, sweep_dir)
     if not groups:
         raise UsageError(f"{sweep_dir}: no run has finished yet; run the sweep first")
-    codes = sorted({run["code"] for runs in groups.values() for run in runs})
-    out = out_root / "_".join(DATASET_NAMES.get(c, c) for c in codes)
-    out.mkdir(parents=True, exist_ok=True)
-    earlier = read_collection(out)
-    new_rows = table_rows(groups)
-    replaced = {row_key(row) for row in new_rows}
-    rows = [row for row in earlier["rows"] if row_key(row) not in replaced]
-    rows += new_rows
-    notes = list(dict.fromkeys([*earlier["notes"], *collection_notes(manifest, differences)]))
-    utils.write_text(out / "table.md", "".join(f"{n}\n\n" for n in notes)
-                     + table_markdown(rows))
-    kept = [line for line in earlier["curve_lines"]
-            if row_key(dict(zip(("rule", "path", "variant"), line.split(",")[:3])))
-            not in replaced]
-    write_curves_csv(out / "curves.csv", groups, kept)
-    curves = {}
-    for (rule, path, variant), by_seed in utils.read_curves_csv(out / "curves.csv").items():
-        length = min(map(len, by_seed.values()))
-        if length:
-            curves[utils.run_label(rule, path, variant)] = [c[:length] for c in by_seed.values()]
-    names = ", ".join(DATASET_NAMES.get(c, c) for c in codes)
-    plot_comparison(out / "test_curves.png", curves,
-                    f"{names}: test accuracy, mean ± std over seeds")
-    given_out = f" --out {display_path(str(Path(out_root).resolve()))}" if out_given else ""
-    commands = [*(f"python {display_command(c)}" for c in manifest["commands"]),
-                f"python sweep.py --collect {display_path(str(sweep_dir.resolve()))}{given_out}"]
-    commands = "\n".join(dict.fromkeys([*earlier["commands"], *commands]))
-    utils.write_text(out / "README.md", (
-        f"# {names}: collected by sweep.py\n\n"
-        + "".join(f"{n}\n\n" for n in notes)
-        + f"Produced by (in the repository root; each --collect adds its sweep's rows to "
-        f"what the folder holds):\n\n```bash\n{commands}\n```\n\n"
-        "- `table.md`: per rule and path, the final test accuracy (mean ± std over seeds, "
-        "numpy's np.std; one seed: n = 1), the paper's value and the distance in units of "
-        "the paper's std (marked beyond 2), the slowness and acc_max of the mean test curve "
-        f"(first {SLOWNESS_FIT_EPOCHS} epochs), the median time per epoch and the machine.\n"
-        "- `curves.csv`: every run's per-epoch accuracies (%).\n"
-        "- `test_curves.png`: mean test curve per rule, with a band of ± one std; the right "
-        "panel zooms on the rules near the best.\n"))
-    return rows, out
-
-
-def row_key(row):
-    """A table row's rule (as the paper names it) and net: what a later sweep replaces."""
-    return utils.run_label(row["rule"]), row["path"], row["variant"]
-
-
-def read_collection(out):
-    """What an earlier collect wrote into out: its notes and rows (table.md), its curves'
-    lines (curves.csv) and its commands (README.md); empty where there is none."""
-    found = {"notes": [], "rows": [], "curve_lines": [], "commands": []}
-    if not (out / "table.md").is_file() or not (out / "curves.csv").is_file():
-        return found
-    advice = "restore it from git, or collect into another --out"
-    lines = (out / "table.md").read_text().splitlines()
-    table = [line for line in lines if line.startswith("|")]
-    found["notes"] = [line for line in lines if line.strip() and not line.startswith("|")]
-    try:
-        found["rows"] = [parse_table_row(line, "angle F" in table[0]) for line in table[2:]]
-    except (ValueError, IndexError):
-        raise UsageError(f"{out / 'table.md'} is damaged (not a table of sweep.py); "
-                         f"{advice}") from None
-    found["curve_lines"] = (out / "curves.csv").read_text().splitlines()[1:]
-    readme = out / "README.md"
-    text = readme.read_text() if readme.is_file() else ""
-    if "```bash\n" in text:
-        block = text.split("```bash\n", 1)[1].split("```", 1)[0]
-        found["commands"] = [line for line in block.splitlines() if line.strip()]
-    return found
-
-
-def parse_table_row(line, with_angle):
-    """A row of table_markdown back as table_rows' dict (to the printed precision)."""
-    cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-    rule, label, seeds, epochs, accuracy, paper, distance, slowness, acc_max, epoch_s = \
-        cells[:10]
-    angle = cells[10] if with_angle else "–"
-    mean, _, std = accuracy.partition(" ± ")
-    path, _, variant = label.partition(" ")
-
-    def number(text):
-        return None if text == "–" else float(text.split()[0])
-
-    return {"rule": rule, "path": path, "variant": variant, "seeds": int(seeds),
-            "mean": float(mean.split()[0]), "std": float(std) if std else 0.0,
-            "paper": None if paper == "–" else tuple(map(float, paper.split(" ± "))),
-            "distance": number(distance), "slowness": number(slowness),
-            "acc_max": number(acc_max), "epochs": int(epochs), "epoch_s": float(epoch_s),
-            "angle": number(angle), "machine": cells[-1]}
+    shown = report.display_path
+    commands = [*(f"python {report.display_command(c)}" for c in manifest["commands"]),
+                f"python sweep.py --collect {shown(str(sweep_dir.resolve()))}"
+                + (f" --out {shown(str(Path(out_root).resolve()))}" if out_given else "")]
+    return report.write_collection(out_root, groups, collection_notes(manifest, differences),
+                                   commands)
 
 
 def collection_root(out, preset, differences, sweep_dir):
@@ -778,7 +595,7 @@ def collection_root(out, preset, differences, sweep_dir):
 
 
 def collection_notes(manifest, differences):
-    """Lines that a table must carry: how its settings differ from the paper's, and which
+    """Lines that a table must carry: how its settings differ from its preset's, and which
     copy of CIFAR-10 it ran on."""
     notes = []
     preset = preset_of(manifest)
@@ -804,148 +621,6 @@ def is_jpeg_cifar10(data_dir):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest() == expected.read_text().split()[0]
-
-
-def plot_comparison(path, curves, title):
-    """Mean ± std test curves {label: runs x epochs}: every rule on the left, and on the
-    right a zoom on the rules whose final accuracy is within ZOOM_POINTS of the best; the
-    legend beside the panels, integer epochs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    means = {label: np.asarray(runs, float).mean(0) for label, runs in curves.items()}
-    best = max(mean[-1] for mean in means.values())
-    top = [label for label, mean in means.items() if mean[-1] >= best - ZOOM_POINTS]
-    colors = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for (label, runs), color in zip(curves.items(), itertools.cycle(colors)):
-        runs = np.asarray(runs, float)
-        epochs = np.arange(1, runs.shape[1] + 1)
-        mean, std = runs.mean(0), runs.std(0)
-        for ax in axes if label in top else axes[:1]:
-            ax.plot(epochs, mean, color=color, marker="." if len(epochs) < 30 else None,
-                    label=label if ax is axes[0] else None)
-            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2)
-    high = max(means[label].max() for label in top) + 0.3
-    low = min(min(means[label][-1] for label in top) - 1.0, high - ZOOM_POINTS)
-    axes[1].set_ylim(low, high)
-    axes[0].set_title(title)
-    axes[1].set_title(f"zoom: the rules within {ZOOM_POINTS:g} points of the best")
-    for ax in axes:
-        ax.set(xlabel="epoch", ylabel="test accuracy (%)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
-    fig.tight_layout()
-    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100,
-                                                     bbox_inches="tight"))
-    plt.close(fig)
-
-
-def display_path(text):
-    """A path as a reader can use it: ~/... under the home folder, relative to the
-    repository root beside it, else as given."""
-    home = str(Path.home())
-    if text.startswith(home + os.sep):
-        return "~" + text[len(home):]
-    if text.startswith(str(ROOT.parent) + os.sep):
-        return os.path.relpath(text, ROOT)
-    return text
-
-
-def display_command(command):
-    """A recorded command as a reader can paste it: paths as display_path gives them, and
-    the shell patterns of --only quoted."""
-    return " ".join(f"'{word}'" if set(word) & set("*?[") and word[0] not in "'\"" else
-                    display_path(word) for word in command.split())
-
-
-# ------------------------------------------------------------------------------------------
-# The paper's Table 1 from the committed per-dataset results (results/paper/README.md)
-# ------------------------------------------------------------------------------------------
-TABLE_COLUMNS = [(kind, code) for kind in ("FC", "conv") for code in ("mn", "cif", "cif100")]
-NOT_RUN = {"cif100": "not run (no copy here)"}
-
-
-def final_accuracies(folder):
-    """{(dataset code, rule, path, variant): {seed: final test %}} from every curves.csv
-    under folder/<dataset>/ (the last epoch of each run's curve)."""
-    codes = {name: code for code, name in DATASET_NAMES.items()}
-    finals = {}
-    for csv_path in sorted(Path(folder).glob("*/**/curves.csv")):
-        code = codes.get(csv_path.relative_to(folder).parts[0])
-        if code is None:
-            continue
-        for (rule, path, variant), by_seed in utils.read_curves_csv(csv_path).items():
-            finals.setdefault((code, rule, path, variant), {}).update(
-                (seed, curve[-1]) for seed, curve in by_seed.items())
-    return finals
-
-
-def table_cell(entries, paper, not_run):
-    """A cell of the combined table: each measured setting, then the paper's value."""
-    lines = []
-    for (path, variant), values in entries:
-        n = len(values)
-        label = ", ".join(filter(None, [path if len(entries) > 1 else "", variant]))
-        text = f"**{format_accuracy(np.mean(values), np.std(values), n)}**"
-        text += f" (n = {n})" if n > 1 else ""
-        text += f" {label}" if label else ""
-        if paper:
-            text += f", {format_distance((np.mean(values) - paper[0]) / paper[1])} std"
-        lines.append(text)
-    if not lines:
-        lines.append(not_run if paper else "–")
-    if paper:
-        lines.append(f"paper {paper[0]:.2f} ± {paper[1]:.2f}")
-    return "<br>".join(lines)
-
-
-def combined_table(folder=PAPER_RESULTS):
-    """results/paper/README.md: the paper's Table 1 layout, each cell ours (mean ± std over
-    n seeds, and the distance in the paper's std), then the paper's value."""
-    finals = final_accuracies(folder)
-    rules = [*PAPER_RULES, *sorted({key[1] for key in finals} - set(PAPER_RULES))]
-    header = ["rule", *(f"{kind} {DATASET_TITLES[code]}" for kind, code in TABLE_COLUMNS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for rule in rules:
-        cells = []
-        for kind, code in TABLE_COLUMNS:
-            entries = [((path, variant), list(values.values()))
-                       for (c, r, path, variant), values in finals.items()
-                       if c == code and r == rule and net_kind(path) == kind]
-            cells.append(table_cell(entries, PAPER_TABLE[code][kind].get(rule),
-                                    NOT_RUN.get(code, "not run yet")))
-        lines.append(f"| {utils.run_label(rule)} | " + " | ".join(cells) + " |")
-    folders = sorted({p.parent.relative_to(folder).as_posix()
-                      for p in Path(folder).glob("*/**/curves.csv")})
-    text = (
-        "# The paper's Table 1, measured here\n\n"
-        "Test accuracy (%) after the runs' last epoch (100 for the paper's settings), mean ± "
-        "std over n seeds (numpy's np.std; one seed: n = 1), the distance to the paper in "
-        "units of the paper's std (marked beyond 2), and the paper's value "
-        "(`../shared/pepita-reference.md`, section 5). FC: one hidden layer of 1024 ReLU "
-        "units (the numpy path; on CIFAR PEPITA also the tutorial's net "
-        "`NetFC1x1024DOcust_cif`, which the paper's number comes from); conv: "
-        "`Net1conv1fcXL` (MNIST), `Net1conv1fcXL_cif` (CIFAR). A label names the net when a "
-        "cell holds several, and the settings that differ from the preset's.\n\n"
-        + "\n".join(lines) + "\n\n"
-        "CIFAR-100 is not run: no copy of it is reachable on our machines (the preset is "
-        "tested on synthetic files, `tests/test_sweep.py`). "
-        "CIFAR-10 ran on the JPEG copy of `../shared/data/cifar10` (lossy: results are close "
-        "to, not identical with, the original CIFAR-10's). Each dataset's folder has its "
-        "table (with the machine and time per epoch of every row), curves, figure and the "
-        "commands: " + ", ".join(f"`{f}/`" for f in folders) + ".\n\n"
-        "Regenerate this file from those folders (in the repository root):\n\n"
-        "```bash\npython sweep.py --combine\n```\n")
-    utils.write_text(Path(folder) / "README.md", text)
-    return lines
-
-
-DATASET_TITLES = {"mn": "MNIST", "cif": "CIFAR-10", "cif100": "CIFAR-100"}
-DATASET_NAMES = {"mn": "mnist", "fmn": "fashion_mnist", "emn": "emnist", "cif": "cifar10",
-                 "cif100": "cifar100"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -1036,8 +711,8 @@ def main(argv=None):
 
 def sweep(args, common, own):
     if args.combine:
-        lines = combined_table()
-        log.info("wrote %s (%d rules)", display_path(str(PAPER_RESULTS / "README.md")),
+        lines = report.combined_table(PAPER_RESULTS)
+        log.info("wrote %s (%d rules)", report.display_path(str(PAPER_RESULTS / "README.md")),
                  len(lines) - 2)
         return 0
     if args.collect:
@@ -1085,7 +760,7 @@ def sweep(args, common, own):
         if preset and differences and not args.out:
             log.info("not the %s's settings (%s): collected into the sweep's folder, not "
                      "into %s", PRESET_AUTHORS[preset[0]], "; ".join(differences),
-                     display_path(str(tracked_results(preset[0]))))
+                     report.display_path(str(tracked_results(preset[0]))))
         log.info("table, curves and figure in %s", out)
     return 1 if failed else 0
 
@@ -1240,7 +915,7 @@ def refuse_tracked_results(out_root, preset, differences):
         own = preset is not None and preset[0] == name
         if inside and (not own or differences):
             why = "; ".join(differences) if own else f"not a --{name} sweep"
-            raise UsageError(f"{display_path(str(tracked))} holds the {author}'s measured "
+            raise UsageError(f"{report.display_path(str(tracked))} holds the {author}'s measured "
                              f"results; this sweep differs from its settings ({why}): leave "
                              "out --out (it then collects into its own --sweep_dir) or "
                              "choose another")

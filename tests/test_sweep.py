@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, synthetic_images, write_idx
 
 import datasets
+import report
 import sweep
 import utils
 
@@ -292,7 +293,7 @@ def test_a_second_sweep_adds_its_rows_to_the_collected_ones(tmp_path, paper_resu
     prepared_sweep(tmp_path / "first", ["--paper", "mnist"])
     assert sweep.main(["--collect", str(tmp_path / "first")]) == 0
     prepared_sweep(tmp_path / "second", ["--paper", "mnist", "--only", "numpy_BP_*"],
-                         run="numpy_BP_seed0")
+                   run="numpy_BP_seed0")
     assert sweep.main(["--collect", str(tmp_path / "second")]) == 0
     folder = paper_results / "mnist"
     rows = {tuple(line.split(" | ")[:2]): line for line in
@@ -322,11 +323,11 @@ def test_only_runs_some_runs_of_a_preset_and_refuses_a_name_of_none(capsys):
 
 
 def test_collected_tables_show_the_paper_values_of_the_conv_nets():
-    assert sweep.paper_value("mn", "Net1conv1fcXL", "ERIN") == (98.29, 0.13)
-    assert sweep.paper_value("cif", "Net1conv1fcXL_cif", "BP") == (64.99, 0.32)
-    assert sweep.paper_value("cif", "NetFC1x1024DOcust_cif", "ERIN") == (52.57, 0.36)
-    assert sweep.paper_value("cif100", "numpy", "FA") is None  # not known
-    assert sweep.paper_value("mn", "NetFC", "ERIN") is None  # not the paper's net
+    assert report.paper_value("mn", "Net1conv1fcXL", "ERIN") == (98.29, 0.13)
+    assert report.paper_value("cif", "Net1conv1fcXL_cif", "BP") == (64.99, 0.32)
+    assert report.paper_value("cif", "NetFC1x1024DOcust_cif", "ERIN") == (52.57, 0.36)
+    assert report.paper_value("cif100", "numpy", "FA") is None  # not known
+    assert report.paper_value("mn", "NetFC", "ERIN") is None  # not the paper's net
 
 
 def test_the_combined_table_has_every_cell_of_the_paper(tmp_path):
@@ -337,7 +338,7 @@ def test_the_combined_table_has_every_cell_of_the_paper(tmp_path):
     (tmp_path / "cifar10" / "conv").mkdir(parents=True)
     (tmp_path / "cifar10" / "conv" / "curves.csv").write_text(
         header + "BP,Net1conv1fcXL_cif,decay_scheme=1,0,1,,65.0\n")
-    lines = sweep.combined_table(tmp_path)
+    lines = report.combined_table(tmp_path)
     cells = {row[0]: row for row in (line.strip("| ").split(" | ") for line in lines[2:])}
     assert cells["PEPITA"][1] == "**98.10 ± 0.10** (n = 2), +1.0 std<br>paper 98.01 ± 0.09"
     assert cells["BP"][5] == "**65.00 (n = 1)** decay_scheme=1, +0.0 std<br>paper 64.99 ± 0.32"
