@@ -817,10 +817,10 @@ MEASURED_EPOCH_S = {
     ("numpy", "BP", "cif"): 35.0, ("numpy", "FA", "cif"): 38.0, ("numpy", "DRTP", "cif"): 16.5,
     ("NetFC", "PEPITA", "cif", "depth1"): 15.9, ("NetFC", "PEPITA", "cif", "depth2"): 21.6,
     ("NetFC", "PEPITA", "cif", "depth3"): 55.2, ("NetFC", "PEPITA+WD", "cif", "depth1"): 22.2,
-    ("NetFC", "PEPITA+WD", "cif", "depth2"): 24.0,
+    ("NetFC", "PEPITA+WD", "cif", "depth2"): 24.0, ("NetFC", "PEPITA+WD", "cif", "depth3"): 30.3,
     ("NetFC", "PEPITA+WD+WM", "cif", "depth1"): 28.0,
     ("NetFC", "PEPITA+WD+WM", "cif", "depth2"): 100.4,
-    ("NetFC", "PEPITA+WD+WM", "cif", "depth3"): 112.8,
+    ("NetFC", "PEPITA+WD+WM", "cif", "depth3"): 67.4,
 }
 
 
