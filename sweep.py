@@ -821,6 +821,7 @@ MEASURED_EPOCH_S = {
     ("NetFC", "PEPITA+WD+WM", "cif", "depth1"): 28.0,
     ("NetFC", "PEPITA+WD+WM", "cif", "depth2"): 100.4,
     ("NetFC", "PEPITA+WD+WM", "cif", "depth3"): 67.4,
+    ("NetFC", "PEPITA-TL", "cif", "depth1"): 57.8,  # the 5-epoch probes of claims.md
 }
 
 
