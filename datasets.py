@@ -365,13 +365,14 @@ def deform_images(images, rng, chunk=5000):
     out = np.empty((n, h, w), np.float64)
     rows, cols = np.meshgrid(np.arange(h) - (h - 1) / 2, np.arange(w) - (w - 1) / 2,
                              indexing="ij")
+    size = np.reshape([h, w], (2, 1, 1, 1))
     for start in range(0, n, chunk):
         batch = images[start:start + chunk].astype(np.float64)
         m = len(batch)
         angle = np.deg2rad(rng.uniform(-10, 10, m))[:, None, None]
         shear = rng.uniform(-0.15, 0.15, m)[:, None, None]
         zoom_r, zoom_c = rng.uniform(0.85, 1.15, (2, m, 1, 1))
-        shift_r, shift_c = rng.uniform(-0.15, 0.15, (2, m, 1, 1)) * np.reshape([h, w], (2, 1, 1, 1))
+        shift_r, shift_c = rng.uniform(-0.15, 0.15, (2, m, 1, 1)) * size
         # Output pixel -> source pixel: inverse rotation, shear and zoom about the centre.
         r = (np.cos(angle) * rows - np.sin(angle) * cols) / zoom_r
         c = (np.sin(angle) * rows + np.cos(angle) * cols + shear * rows) / zoom_c

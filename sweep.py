@@ -600,7 +600,7 @@ def collection_notes(manifest, differences):
     notes = []
     preset = preset_of(manifest)
     if preset and differences:
-        notes.append(f"**Not the {PRESET_AUTHORS[preset[0]]}'s settings**: "
+        notes.append(f"**Not the {PRESET_AUTHORS[preset[0]]} preset's settings**: "
                      + "; ".join(differences) + ".")
     data = {flag_value(spec["flags"], ("--data_dir",), None) for spec in manifest["runs"]
             if code_of(spec) == "cif"}
@@ -876,8 +876,7 @@ def differences_from_preset(manifest):
         parser = parsers.setdefault(spec["script"], entry_parser(spec["script"]))
         ours, theirs = (read_settings(parser, spec["script"], flags)
                         for flags in (spec["flags"], expected[spec["name"]]))
-        author = PRESET_AUTHORS[preset[0]]
-        found.update(f"--{key} {ours.get(key)} (the {author}'s: {theirs.get(key)})"
+        found.update(f"--{key} {ours.get(key)} (the preset's: {theirs.get(key)})"
                      for key in {**ours, **theirs} if ours.get(key) != theirs.get(key))
     return sorted(found)
 

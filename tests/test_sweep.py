@@ -234,7 +234,7 @@ def test_a_small_settings_paper_sweep_leaves_the_paper_results_unchanged(tmp_pat
     assert sweep.main(["--collect", str(sweep_dir)]) == 0
     assert folder_bytes(paper_results) == before
     note = (sweep_dir / "mnist" / "table.md").read_text().splitlines()[0]
-    assert note.startswith("**Not the paper's settings**") and "--n_samples 500" in note
+    assert note.startswith("**Not the paper preset's settings**") and "--n_samples 500" in note
     assert "--train_epochs 1" in note
     for argv in (["--collect", str(sweep_dir), "--out", str(paper_results)],
                  ["--paper", "mnist", "--epochs", "1", "--out", str(paper_results), "--dry_run"]):
@@ -264,8 +264,8 @@ def test_a_followup_sweep_with_other_settings_leaves_the_followup_results_unchan
     assert sweep.main(["--collect", str(sweep_dir)]) == 0
     assert folder_bytes(followup_results) == before
     note = (sweep_dir / "cifar10" / "table.md").read_text().splitlines()[0]
-    assert note == ("**Not the follow-up's settings**: --mirror_every 100 (the follow-up's: "
-                    "1).")
+    assert note == ("**Not the follow-up preset's settings**: --mirror_every 100 (the "
+                    "preset's: 1).")
     for argv in (["--collect", str(sweep_dir), "--out", str(followup_results)],
                  ["--paper", "cifar10", "--out", str(followup_results), "--dry_run"]):
         with pytest.raises(SystemExit) as exit_info:
