@@ -849,13 +849,20 @@ def time_estimate(specs, sweep_dir, args):
             left.append(per_epoch * max(epochs - done, 0))
     if len(unknown) == len(specs):
         return "estimated time: unknown (no run of this sweep has a measured time per epoch)"
-    parallel = max(1, (os.cpu_count() or 1) // args.cpus_per_trial) if not args.address else 1
+    slots = max(1, (os.cpu_count() or 1) // args.cpus_per_trial) if not args.address else 1
+    parallel = min(slots, max(1, len(left)))
+    wall = max(sum(left) / parallel, max(left, default=0.0))  # no faster than its longest run
     cores = f"{args.cpus_per_trial} core{'s' if args.cpus_per_trial > 1 else ''} each"
-    text = (f"estimated time: about {sum(left) / parallel / 3600:.1f} h with {parallel} "
+    text = (f"estimated time: {format_duration(wall)} with {parallel} "
             f"trial{'s' if parallel > 1 else ''} at once ({cores}, measured times per epoch)")
     if unknown:
         text += f"; {len(unknown)} run(s) have no measured time per epoch and are not counted"
     return text
+
+
+def format_duration(seconds):
+    return f"about {seconds / 3600:.1f} h" if seconds >= 3600 else \
+        f"about {seconds / 60:.0f} min"
 
 
 def differences_from_preset(manifest):

@@ -370,9 +370,20 @@ def test_a_dry_run_says_where_the_outputs_go_and_how_long_it_takes(tmp_path, cap
     assert tail[0] == (f"12 runs, each in {tmp_path}/runs/<run>/; the table, curves and figure "
                        f"collected into {sweep.PAPER_RESULTS}/<dataset>/")
     seconds = 100 * (3 * 11.4 + 3 * 14.6 + 16.8 + 13.7 + 12.7 + 10.6 + 12.8 + 11.3)
-    parallel = os.cpu_count()
-    assert tail[1] == (f"estimated time: about {seconds / parallel / 3600:.1f} h with "
-                       f"{parallel} trials at once (1 core each, measured times per epoch)")
+    parallel = min(os.cpu_count(), 12)
+    wall = max(seconds / parallel, 100 * 16.8)  # the longest run: conv BP
+    duration = f"{wall / 3600:.1f} h" if wall >= 3600 else f"{wall / 60:.0f} min"
+    assert tail[1] == (f"estimated time: about {duration} with {parallel} trials at once "
+                       "(1 core each, measured times per epoch)")
+
+
+def test_a_dry_run_of_one_short_run_estimates_its_minutes(tmp_path, capsys):
+    assert sweep.main(["--script", "main.py", "--grid", "eta=0.001", "--epochs", "20",
+                       "--sweep_dir", str(tmp_path), "--dry_run", "--", "--learn_type", "DRTP",
+                       "--dataset", "cif"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (  # 20 epochs of 16.5 s, one at a time
+        "estimated time: about 6 min with 1 trial at once (1 core each, measured times per "
+        "epoch)")
 
 
 def test_a_dry_run_estimates_the_followup_depths_and_says_when_it_cannot(tmp_path, capsys):
@@ -380,10 +391,13 @@ def test_a_dry_run_estimates_the_followup_depths_and_says_when_it_cannot(tmp_pat
                        "--only", "NetFC_PEPITA_depth1_seed0,NetFC_PEPITA-WD-WM_depth1_seed0",
                        "--cpus_per_trial", "2"]) == 0
     parallel = max(1, os.cpu_count() // 2)
-    seconds = 100 * (sweep.MEASURED_EPOCH_S[("NetFC", "PEPITA", "cif", "depth1")]
-                     + sweep.MEASURED_EPOCH_S[("NetFC", "PEPITA+WD+WM", "cif", "depth1")])
+    runs = [100 * sweep.MEASURED_EPOCH_S[("NetFC", "PEPITA", "cif", "depth1")],
+            100 * sweep.MEASURED_EPOCH_S[("NetFC", "PEPITA+WD+WM", "cif", "depth1")]]
+    parallel = min(parallel, 2)
+    wall = max(sum(runs) / parallel, max(runs))
+    duration = f"{wall / 3600:.1f} h" if wall >= 3600 else f"{wall / 60:.0f} min"
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f"estimated time: about {seconds / parallel / 3600:.1f} h with {parallel} "
+        f"estimated time: about {duration} with {parallel} "
         f"trial{'s' if parallel > 1 else ''} at once (2 cores each, measured times per epoch)")
     assert sweep.main(["--script", "main_pytorch.py", "--grid", "eta=0.1,0.2", "--sweep_dir",
                        str(tmp_path), "--dry_run", "--", "--model", "NetFC"]) == 0
