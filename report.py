@@ -47,7 +47,6 @@ def paper_value(code, path, rule):
     return PAPER_TABLE.get(code, {}).get(net_kind(path), {}).get(rule)
 
 
-
 # ------------------------------------------------------------------------------------------
 # One sweep's collection: table.md, curves.csv, test_curves.png, README.md
 # ------------------------------------------------------------------------------------------
@@ -269,7 +268,6 @@ def display_command(command):
     the shell patterns of --only quoted."""
     return " ".join(f"'{word}'" if set(word) & set("*?[") and word[0] not in "'\"" else
                     display_path(word) for word in command.split())
-
 
 
 # ------------------------------------------------------------------------------------------
