@@ -113,6 +113,8 @@ def test_the_cifar10_preset_runs_the_tutorial_net_and_the_conv_net_over_the_seed
                          *(f"Net1conv1fcXL_cif_ERIN_seed{s}" for s in range(3)),
                          "numpy_ERIN_seed0"]
     assert "--eta 0.01" in lines[6] and "--eta 0.1 " not in lines[6]  # the tutorial's eta
+    fa_line, = (line for line in lines if line.startswith("numpy_FA_seed0:"))
+    assert "--eta 0.001 " in fa_line  # the rate that gives the paper's FA number
     assert all("--dataset cif " in line + " " for line in lines)
 
 
