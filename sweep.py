@@ -817,7 +817,7 @@ MEASURED_EPOCH_S = {
     ("Net1conv1fcXL", "BP", "mn"): 16.8,
     ("NetFC1x1024DOcust_cif", "ERIN", "cif"): 15.2, ("Net1conv1fcXL_cif", "ERIN", "cif"): 21.6,
     ("numpy", "ERIN", "cif"): 33.1, ("Net1conv1fcXL_cif", "BP", "cif"): 48.3,
-    ("numpy", "BP", "cif"): 35.0, ("numpy", "FA", "cif"): 38.0, ("numpy", "DRTP", "cif"): 16.5,
+    ("numpy", "BP", "cif"): 35.0, ("numpy", "FA", "cif"): 21.5, ("numpy", "DRTP", "cif"): 16.5,
     ("NetFC", "PEPITA", "cif", "depth1"): 15.9, ("NetFC", "PEPITA", "cif", "depth2"): 21.6,
     ("NetFC", "PEPITA", "cif", "depth3"): 55.2, ("NetFC", "PEPITA+WD", "cif", "depth1"): 22.2,
     ("NetFC", "PEPITA+WD", "cif", "depth2"): 24.0, ("NetFC", "PEPITA+WD", "cif", "depth3"): 30.3,
