@@ -96,7 +96,7 @@ def paper_runs(preset, seeds, other_seeds):
     def numpy_runs(rule, n_seeds):
         flags = [*NUMPY_PAPER, "--learn_type", rule, "--dataset", code,
                  "--sample_passes", "2" if rule.startswith("ERIN") else "1"]
-        if cifar:  # the tutorial's eta, which gives the paper's CIFAR numbers (FA: its own)
+        if cifar:  # the tutorial's eta, but FA's own (CIFAR_ETA)
             flags[flags.index("--eta") + 1] = CIFAR_ETA.get(rule, "0.01")
         return [("main.py", rule, seed, flags) for seed in range(n_seeds)]
 
