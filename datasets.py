@@ -80,7 +80,7 @@ def _load_idx_set(folders, names):
     if not all(paths):
         return None
     x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
-    return x_train, y_train, x_test, y_test
+    return x_train, y_train, x_test, y_test, paths[0].parent
 
 
 # What a truncated or garbage .npz/zip file raises on the way through np.load.
@@ -166,7 +166,7 @@ def _load_cifar(folders, code):
             labels = [np.asarray(_cifar_field(b, label_key, path))
                       for b, path in zip(batches, paths)]
             return (np.concatenate(images[:-1]), np.concatenate(labels[:-1]), images[-1],
-                    labels[-1])
+                    labels[-1], folder)
     return None
 
 
@@ -182,16 +182,17 @@ def _expected_files(code):
 
 
 def load_local(code, data_dir):
-    """The dataset from files under data_dir, or None when they are not there."""
+    """(arrays, the file or folder they came from) from files under data_dir, or None when
+    they are not there."""
     spec = DATASETS[code]
     root = Path(data_dir)
     folders = [root] + [root / d for d in spec["dirs"]]
     for folder in folders:
         if (folder / spec["npz"]).is_file():
-            return _load_npz(folder / spec["npz"])
-    if spec["idx"]:
-        return _load_idx_set(folders, spec["idx"])
-    return _load_cifar(folders, code)
+            return _load_npz(folder / spec["npz"]), folder / spec["npz"]
+    found = (_load_idx_set(folders, spec["idx"]) if spec["idx"] else
+             _load_cifar(folders, code))
+    return found and (found[:4], found[4])
 
 
 def _download_keras(code):
@@ -202,7 +203,7 @@ def _download_keras(code):
     if code not in loaders:
         return _download_torchvision(code, Path.home() / ".cache" / "pepita")
     (x_train, y_train), (x_test, y_test) = loaders[code].load_data()
-    return x_train, y_train, x_test, y_test
+    return (x_train, y_train, x_test, y_test), f"keras.datasets.{loaders[code].__name__.split('.')[-1]}"
 
 
 def _download_torchvision(code, root):
@@ -247,41 +248,53 @@ def load_dataset(code, data_dir=None, downloader="keras", data_flag="--data_dir"
     spec = DATASETS[code]
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
     if data_dir:
-        arrays = load_local(code, data_dir)
-        if arrays is None:
+        found = load_local(code, data_dir)
+        if found is None:
             raise DatasetError(f"{spec['name']} not found in {data_dir}: expected "
                                f"{_expected_files(code)} there or in one of its sub-folders "
-                               f"{', '.join(spec['dirs'])}; copy them there, or drop "
-                               f"{data_flag}/${DATA_DIR_ENV} to download")
+                               f"{', '.join(spec['dirs'])}; {_how_to_get(data_dir, data_flag)}")
     else:
         try:
-            arrays = (_download_keras(code) if downloader == "keras" else
-                      _download_torchvision(code, Path.home() / ".cache" / "pepita"))
+            found = (_download_keras(code) if downloader == "keras" else
+                     _download_torchvision(code, Path.home() / ".cache" / "pepita"))
         except Exception as err:  # any download failure becomes one clear message
             raise DatasetError(f"could not download {spec['name']} ({describe(err)}); "
                                f"offline, put {_expected_files(code)} in a folder and pass "
                                f"it as {data_flag} or ${DATA_DIR_ENV}") from None
-    return _check_arrays(code, *arrays)
+    arrays, source = found
+    return _check_arrays(code, source, *arrays)
 
 
-def _check_arrays(code, x_train, y_train, x_test, y_test):
+def _how_to_get(data_dir, data_flag):
+    """What to do when data_dir lacks the files: decode them where the folder holds an
+    archive with its make_npz.py (../shared/data/*), else copy them or download."""
+    decoder = Path(data_dir) / "make_npz.py"
+    if decoder.is_file():
+        cache = Path.home() / ".cache" / "pepita-data" / Path(data_dir).resolve().name
+        return (f"this folder holds an archive: decode it with 'python {decoder}' and pass "
+                f"{data_flag} {cache}")
+    return f"copy them there, or drop {data_flag}/${DATA_DIR_ENV} to download"
+
+
+def _check_arrays(code, source, x_train, y_train, x_test, y_test):
     """Images as (N, H, W, C) in [0, 255] and labels as int64 (N,), checked right after
-    loading: shapes, counts, dtypes, value and label ranges."""
+    loading: shapes, counts, dtypes, value and label ranges; source: the file or folder
+    they came from, which each message names."""
     spec = DATASETS[code]
+    name = f"{spec['name']} ({source})"
     checked = []
     for part, images, labels in (("training", x_train, y_train), ("test", x_test, y_test)):
-        images = _check_images(spec, part, np.asarray(images))
-        labels = _check_labels(spec, part, np.asarray(labels))
+        images = _check_images(spec, name, part, np.asarray(images))
+        labels = _check_labels(spec, name, part, np.asarray(labels))
         if len(labels) != len(images):
-            raise DatasetError(f"{spec['name']}: {len(images)} {part} images but "
+            raise DatasetError(f"{name}: {len(images)} {part} images but "
                                f"{len(labels)} labels; copy the dataset files again")
         checked += [images, labels]
     return tuple(checked)
 
 
-def _check_images(spec, part, images):
+def _check_images(spec, name, part, images):
     h, w, c = spec["shape"]
-    name = spec["name"]
     if images.ndim == 0 or len(images) == 0 or images.size != len(images) * h * w * c:
         raise DatasetError(f"{name}: the {part} images have shape {images.shape}, expected "
                            f"(N, {h}, {w}{', ' + str(c) if c > 1 else ''}); "
@@ -305,15 +318,15 @@ def _check_images(spec, part, images):
     return images.reshape(len(images), h, w, c)
 
 
-def _check_labels(spec, part, labels):
+def _check_labels(spec, name, part, labels):
     labels = labels.reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
     if labels.ndim != 1 or labels.dtype.kind not in "iuf" or (
             labels.dtype.kind == "f" and not np.all(labels == np.round(labels))):
-        raise DatasetError(f"{spec['name']}: the {part} labels have shape {labels.shape} "
+        raise DatasetError(f"{name}: the {part} labels have shape {labels.shape} "
                            f"and type {labels.dtype}; expected integer class indices")
     labels = labels.astype(np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= spec["classes"]):
-        raise DatasetError(f"{spec['name']}: the {part} labels range from {labels.min()} to "
+        raise DatasetError(f"{name}: the {part} labels range from {labels.min()} to "
                            f"{labels.max()}, outside 0..{spec['classes'] - 1}; this is not "
                            "this dataset's files")
     return labels

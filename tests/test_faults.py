@@ -406,6 +406,36 @@ def test_bad_dataset_files_exit_2_before_any_folder(tmp_path, images, capsys, en
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("case,words", [
+    ("labels outside the classes", "outside 0..99"),
+    ("images of a wrong size", "expected (N, 32, 32, 3)"),
+])
+@pytest.mark.parametrize("entry", [main.main, main_pytorch.main])
+def test_a_bad_cifar100_npz_stops_in_one_line_naming_the_file(tmp_path, capsys, entry, case,
+                                                             words):
+    x, y = synthetic_images(np.random.default_rng(3), 80, (32, 32, 3), classes=100)
+    if case == "labels outside the classes":
+        y[0] = 100
+    else:
+        x = x[:, :28, :28]
+    folder = npz_dataset(tmp_path / "c100", x[:64], y[:64], x[64:], y[64:], "cifar100.npz")
+    job = NUMPY_JOB if entry is main.main else TORCH_JOB
+    code, line = exit_status(entry, [*job, "--dataset", "cif100"], folder, tmp_path / "r",
+                             capsys)
+    assert code == 2 and words in line and str(folder / "cifar100.npz") in line, line
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_with_an_archive_names_its_decoder(tmp_path):
+    (tmp_path / "cifar100").mkdir()
+    (tmp_path / "cifar100" / "make_npz.py").write_text("")
+    with pytest.raises(datasets.DatasetError) as err:
+        datasets.load_dataset("cif100", tmp_path / "cifar100")
+    decoder = tmp_path / "cifar100" / "make_npz.py"
+    assert f"decode it with 'python {decoder}'" in str(err.value)
+    assert str(Path.home() / ".cache" / "pepita-data" / "cifar100") in str(err.value)
+
+
 def test_float_images_in_0_1_train_like_the_uint8_ones(tmp_path, images):
     x_train, y_train, x_test, y_test = images
     as_bytes = npz_dataset(tmp_path / "bytes", *images)
