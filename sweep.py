@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import fcntl
 import fnmatch
-import hashlib
 import io
 import itertools
 import json
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+import datasets
 import protocol
 import report
 import utils
@@ -599,31 +599,39 @@ def collection_root(out, preset, differences, sweep_dir):
 
 def collection_notes(manifest, differences):
     """Lines that a table must carry: how its settings differ from its preset's, and which
-    copy of CIFAR-10 it ran on."""
+    copy of a dataset it ran on (KNOWN_COPIES)."""
     notes = []
     preset = preset_of(manifest)
     if preset and differences:
         notes.append(f"**Not the {PRESET_AUTHORS[preset[0]]} preset's settings**: "
                      + "; ".join(differences) + ".")
-    data = {flag_value(spec["flags"], ("--data_dir",), None) for spec in manifest["runs"]
-            if code_of(spec) == "cif"}
-    if any(is_jpeg_cifar10(d) for d in data if d):
-        notes.append("CIFAR-10 ran on the JPEG copy of `../shared/data/cifar10` (lossy: "
-                     "results are close to, not identical with, the original CIFAR-10's).")
+    files = {(code_of(spec), flag_value(spec["flags"], ("--data_dir",), None))
+             for spec in manifest["runs"]}
+    copies = {known_copy(code, data_dir) for code, data_dir in files if data_dir}
+    notes += [KNOWN_COPIES[digest] for digest in KNOWN_COPIES if digest in copies]
     return notes
 
 
-def is_jpeg_cifar10(data_dir):
-    """Whether data_dir/cifar10.npz is the file that make_npz.py decodes from the JPEGs."""
-    expected = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10.npz.sha256"
-    path = Path(data_dir) / "cifar10.npz"
-    if not (expected.is_file() and path.is_file()):
-        return False
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest() == expected.read_text().split()[0]
+# The sha256 of the .npz files that ../shared/data/*/make_npz.py write, and what a table that
+# ran on them must say.
+KNOWN_COPIES = {
+    "8258534be228bdab841bfbb1d4fe686dea0a6fd61952329e0f040908948043c0":
+        "CIFAR-10 ran on the JPEG copy of `../shared/data/cifar10` (lossy: results are close "
+        "to, not identical with, the original CIFAR-10's).",
+    "10835a0108963ab2de621dad113bdbd29695f57555fcf87cfb24fbce1d58c0d4":
+        "CIFAR-100 ran on the lossless copy of `../shared/data/cifar100` (the official "
+        "60,000 images bit for bit, the official train/test split; shuffled within each set).",
+}
+
+
+def known_copy(code, data_dir):
+    """The sha256 of data_dir's .npz of the dataset when it is one of KNOWN_COPIES, else
+    None."""
+    if code not in datasets.DATASETS:
+        return None
+    path = Path(data_dir) / datasets.DATASETS[code]["npz"]
+    digest = utils.sha256_of(path) if path.is_file() else None
+    return digest if digest in KNOWN_COPIES else None
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Datasets are in datasets.py, the run protocol (folders, resume, checkpoints, met
 signals) in protocol.py; nothing here trains a network.
 """
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -165,6 +166,15 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def sha256_of(path):
+    """The sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text(path, text):

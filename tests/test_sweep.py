@@ -344,9 +344,32 @@ def test_the_combined_table_has_every_cell_of_the_paper(tmp_path):
     cells = {row[0]: row for row in (line.strip("| ").split(" | ") for line in lines[2:])}
     assert cells["PEPITA"][1] == "**98.10 ± 0.10** (n = 2), +1.0 std<br>paper 98.01 ± 0.09"
     assert cells["BP"][5] == "**65.00 (n = 1)** decay_scheme=1, +0.0 std<br>paper 64.99 ± 0.32"
-    assert cells["BP"][3] == "not run (no copy here)<br>paper 27.58 ± 0.09"
+    assert cells["BP"][3] == "not run yet<br>paper 27.58 ± 0.09"
     assert cells["FA"][4] == "–"  # the paper has no conv FA
     assert "python sweep.py --combine" in (tmp_path / "README.md").read_text()
+
+
+def test_a_distance_is_marked_beyond_2_std_by_its_printed_value():
+    assert report.format_distance((98.57 - 98.63) / 0.03) == "-2.0"  # -2.0000000000000076
+    assert report.format_distance(-2.06) == "-2.1 **(> 2)**"
+    assert report.format_distance(2.04) == "+2.0"
+
+
+def test_a_table_says_which_known_copy_of_a_dataset_it_ran_on(tmp_path, monkeypatch):
+    x, y = synthetic_images(np.random.default_rng(5), 20, (32, 32, 3), classes=100)
+    for name in ("known", "other"):
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "cifar100.npz", x_train=x, y_train=y, x_test=x,
+                 y_test=y + (name == "other"))
+    digest = utils.sha256_of(tmp_path / "known" / "cifar100.npz")
+    monkeypatch.setattr(sweep, "KNOWN_COPIES", {digest: "ran on the known copy"})
+
+    def notes(folder):
+        spec = sweep.make_spec("main.py", ["--dataset", "cif100", "--data_dir",
+                                           str(tmp_path / folder)], "ERIN", 0)
+        return sweep.collection_notes({"runs": [spec]}, [])
+    assert notes("known") == ["ran on the known copy"]
+    assert notes("other") == []
 
 
 def test_the_followup_preset_lists_depths_configurations_and_time_local(capsys):
