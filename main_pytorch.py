@@ -33,6 +33,7 @@ from tqdm import tqdm  # noqa: E402
 
 import datasets  # noqa: E402
 import models  # noqa: E402
+import pepita  # noqa: E402
 import utils  # noqa: E402
 from datasets import DATASETS  # noqa: E402
 from utils import UsageError  # noqa: E402
@@ -455,7 +456,7 @@ def train_run(args, run, r, under_way, run_seq, data, n_classes, code, device):
     if args.feedback == "normal":
         feedback = models.normal_feedback(generators[1], model.sizes, args.Bstd, device)
     else:
-        feedback = models.Feedback([models.projection_matrix(
+        feedback = models.Feedback([pepita.projection_matrix(
             generators[1], x_train[0].numel(), n_classes, args.Bstd, args.B_mean_zero,
             device)])
     params = [layer.weight for layer in model.layers

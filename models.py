@@ -182,14 +182,6 @@ def build_model(name, input_shape, n_out, w_init="he_uniform", rng=None, hidden=
     return make(n_in, n_out, w_init, rng)
 
 
-def projection_matrix(generator, n_in, n_out, b_std=0.05, mean_zero=True, device="cpu"):
-    """B (= F), shape (n_in, n_out): U(-s, s) * Bstd, s = sqrt(6 / n_in); U(0, s) * Bstd
-    without mean_zero."""
-    limit = math.sqrt(6 / n_in)
-    u = torch.rand(n_in, n_out, generator=generator, device=device)
-    return (u * 2 * limit - limit if mean_zero else u * limit) * b_std
-
-
 def draw_masks(model, generator, n, keep, device):
     """Dropout masks Bernoulli(keep) / keep for the model's hidden layers, or None."""
     sizes = model.mask_sizes()

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import functions as fn  # noqa: E402
 import main_pytorch  # noqa: E402
 import models  # noqa: E402
+import pepita  # noqa: E402
 import protocol  # noqa: E402
 import utils  # noqa: E402
 
@@ -187,7 +188,7 @@ def published_tutorial(images, labels, test_images, test_labels, batches):
     """Runs `batches` training batches and batches / 5 test batches: about batches / 782 of
     an epoch (50000 / 64 training and 10000 / 64 test batches)."""
     net = HookedNet()
-    B = models.projection_matrix(torch.Generator().manual_seed(0), 3072, 10)
+    B = pepita.projection_matrix(torch.Generator().manual_seed(0), 3072, 10)
     velocity = [torch.zeros_like(net.fc1.weight), torch.zeros_like(net.fc2.weight)]
     train_loader = torch.utils.data.DataLoader(PerImageDataset(images, labels),
                                                batch_size=BATCH, shuffle=True)
@@ -244,7 +245,7 @@ def tutorial_products_only(n_train, n_test):
 def project_epoch(model_name, x, y, x_test, y_test, batch_size):
     model = models.build_model(model_name, x.shape[1:], 10, "he_uniform",
                                np.random.default_rng(0))
-    B = models.projection_matrix(torch.Generator().manual_seed(0), x[0].numel(), 10)
+    B = pepita.projection_matrix(torch.Generator().manual_seed(0), x[0].numel(), 10)
     weights = [layer.weight for layer in model.layers]
     optimizer = models.make_optimizer("mom", "ERIN", weights, 0.01)
     args = SimpleNamespace(learn_type="ERIN", batch_size=batch_size, dropout=0.9, eta=0.01,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import datasets
 import main_pytorch
 import models
+import pepita
 
 README_COMMAND = ("--exp_name Experiment2 --learn_type ERIN --n_runs 1 --train_epochs 100 "
                   "--eta 0.01 --dropout 0.9 --Bstd 0.05 --eta_decay --dataset mn "
@@ -39,7 +40,7 @@ def test_conv_update_equals_published_loop(channels, size, sqrt_conv):
     model = models.ConvNet(channels, size, 10).double()
     x = torch.rand(4, channels, size, size, dtype=torch.float64)
     target = F.one_hot(torch.tensor([1, 3, 5, 7]), 10).double()
-    B = models.projection_matrix(torch.Generator().manual_seed(1), channels * size * size,
+    B = pepita.projection_matrix(torch.Generator().manual_seed(1), channels * size * size,
                                  10).double()
     with torch.no_grad():
         first = model(x)
@@ -80,7 +81,7 @@ def test_fc_pepita_step_equals_layer_formulas():
     y = torch.arange(8) % 10
     t = F.one_hot(y, 10).float()
     gen = torch.Generator().manual_seed(3)
-    B = models.projection_matrix(gen, 784, 10)
+    B = pepita.projection_matrix(gen, 784, 10)
     masks = models.draw_masks(model, gen, 8, 0.9, "cpu")
     assert masks[0].shape == (8, 1024)
     torch.testing.assert_close(masks[0].unique(), torch.tensor([0, 1 / 0.9]))
