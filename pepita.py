@@ -117,6 +117,10 @@ class PEPITA:
         self.B = B.to(self.device, self.dtype)
         self.weighted = [i for i, m in enumerate(self.layers) if isinstance(m, WEIGHTED)]
         self.read_at = {i: self._activation_end(i) for i in self.weighted}
+        first = self.weighted[0]
+        # a first Linear layer on the (flattened) input is linear in it: see compute
+        self.linear_first = isinstance(self.layers[first], nn.Linear) and all(
+            isinstance(m, nn.Flatten) for m in self.layers[:first])
         self.mask_shapes = self._probe()
 
     def _activation_end(self, index):
@@ -175,11 +179,14 @@ class PEPITA:
         """(first pass's logits, [(parameter, gradient)]): no host synchronisation, so that
         torch.compile can capture it whole."""
         target = F.one_hot(y.long(), self.n_classes).to(self.dtype)
-        logits, inputs, outputs = self.forward(x, masks)
+        first_out, W1_B = self._first_layer(x)
+        logits, inputs, outputs = self.forward(x, masks, first_out)
         e = F.softmax(logits, dim=1) - target
         sign = 1 if self.mode == "published" else -1  # the follow-up's x' = x - e F^T
         x_mod = x + sign * (e @ self.B.T).view_as(x)
-        logits_mod, inputs_mod, outputs_mod = self.forward(x_mod, masks)
+        # W_1 x' = W_1 x + (W_1 B) e: a product with the small W_1 B instead of the batch
+        first_mod = None if W1_B is None else first_out + sign * (e @ W1_B)
+        logits_mod, inputs_mod, outputs_mod = self.forward(x_mod, masks, first_mod)
         e_mod = F.softmax(logits_mod, dim=1) - target
         grads = []
         last = self.weighted[-1]
@@ -192,13 +199,28 @@ class PEPITA:
             grads += self._layer_grads(self.layers[index], pairs, len(x), index == last)
         return logits, grads
 
-    def forward(self, x, masks):
-        """Logits, and per weight layer its input and its h (see _activation_end)."""
+    def _first_layer(self, x):
+        """With a linear first layer: its output on x and (W_1 B)^T from one product with
+        W_1 (one read of the largest weight), else (None, None)."""
+        if not self.linear_first:
+            return None, None
+        layer, n = self.layers[self.weighted[0]], len(x)
+        # W_1 on the left: the faster order on CPUs for a wide W_1 and a small batch
+        products = layer.weight @ torch.cat([x.reshape(n, -1), self.B.T]).T
+        out = products[:, :n].T
+        out = out.contiguous() if layer.bias is None else out + layer.bias
+        return out, products[:, n:].T
+
+    def forward(self, x, masks, first_out=None):
+        """Logits, and per weight layer its input and its h (see _activation_end);
+        first_out: the first weight layer's output, when known."""
         inputs, outputs, ends = {}, {}, {end: i for i, end in self.read_at.items()}
         for index, module in enumerate(self.layers):
             if index in self.read_at:
                 inputs[index] = x
-            if isinstance(module, nn.Dropout):
+            if first_out is not None and index == self.weighted[0]:
+                x = first_out
+            elif isinstance(module, nn.Dropout):
                 x = x * masks[index] if index in masks else x
             else:
                 x = module(x)
@@ -224,26 +246,28 @@ class PEPITA:
         return [(error, inputs_mod[last])]
 
     def _layer_grads(self, layer, pairs, batch, is_last):
-        """[(weight, g), (bias, g)] of one layer from its (delta, input) pairs."""
-        weight_grad, bias_grad = 0, 0
-        for delta, a in pairs:
-            if isinstance(layer, nn.Conv2d):
-                weight_grad = weight_grad + torch.nn.grad.conv2d_weight(
-                    a, layer.weight.shape, delta, layer.stride, layer.padding,
-                    layer.dilation, layer.groups)
-                bias_grad = bias_grad + delta.sum((0, 2, 3))
-            else:
-                delta2, a2 = delta.reshape(-1, delta.shape[-1]), a.reshape(-1, a.shape[-1])
-                weight_grad = weight_grad + delta2.T @ a2
-                bias_grad = bias_grad + delta2.sum(0)
+        """[(weight, g), (bias, g)] of one layer from its (delta, input) pairs; the scale
+        goes on the small delta, not on the weight-sized product."""
         scale = 1 / batch
         if isinstance(layer, nn.Conv2d) and not is_last and self.conv_update == "published":
             positions = pairs[0][0][0, 0].numel()
             scale = -1 / (batch * batch * (math.sqrt(positions) if self.sqrt_conv
                                            else positions))
-        grads = [(layer.weight, weight_grad * scale)]
+        weight_grad = bias_grad = None
+        for delta, a in pairs:
+            delta = delta * scale
+            if isinstance(layer, nn.Conv2d):
+                weight = torch.nn.grad.conv2d_weight(a, layer.weight.shape, delta, layer.stride,
+                                                     layer.padding, layer.dilation, layer.groups)
+                bias = delta.sum((0, 2, 3))
+            else:
+                delta = delta.reshape(-1, delta.shape[-1])
+                weight, bias = delta.T @ a.reshape(-1, a.shape[-1]), delta.sum(0)
+            weight_grad = weight if weight_grad is None else weight_grad.add_(weight)
+            bias_grad = bias if bias_grad is None else bias_grad.add_(bias)
+        grads = [(layer.weight, weight_grad)]
         if layer.bias is not None:
-            grads.append((layer.bias, bias_grad * scale))
+            grads.append((layer.bias, bias_grad))
         return grads
 
     def _check(self, x, y):
