@@ -339,10 +339,11 @@ def metrics(history, runs_finished):
     """metrics.json's curves: accuracies in percent (the text files keep fractions)."""
     def percent(values):
         return [percent(v) if isinstance(v, list) else 100 * v for v in values]
+    validated = any(history["val"])  # else the final "validation" is the test set's
     return {"train": percent(history["train"]), "val": percent(history["val"]),
             "test": percent(history["test"]),
             **{f"final_{k}": percent(history[f"final_{k}"][:runs_finished])
-               for k in ("train", "val", "test")},
+               for k in ("train", "val", "test") if k != "val" or validated},
             "angles": history["angles"], "norms": history["norms"],
             "epoch_time_s": history["epoch_time_s"]}
 
@@ -394,8 +395,9 @@ def train(args):
     log.info("%s on %s, layers %s", args.learn_type, code, sizes)
     run.train_runs(lambda r, under_way: train_run(args, run, r, under_way, sizes, acts,
                                                   run_seqs[r], data, dtype))
-    log.info("test accuracy %.4f +- %.4f over %d run(s), %.1f s; results in %s",
-             np.mean(history["final_test"]), np.std(history["final_test"]), args.n_runs,
+    log.info("test accuracy %.2f%% +- %.2f over %d run(s), %.1f s; results in %s",
+             100 * np.mean(history["final_test"]), 100 * np.std(history["final_test"]),
+             args.n_runs,
              time.time() - run.start_time, run.folder)
 
 
@@ -426,7 +428,7 @@ def train_run(args, run, r, under_way, sizes, acts, run_seq, data, dtype):
     history["final_val"].append(final_val)
     history["final_test"].append(final_test)
     save_npz(run.folder / f"weights_run{r}.npz", model_arrays(model))
-    log.info("run %d: final test accuracy %.4f", r, history["final_test"][-1])
+    log.info("run %d: final test accuracy %.2f%%", r, 100 * history["final_test"][-1])
     run.run_done(r)
 
 
@@ -468,12 +470,12 @@ def run_epochs(args, run, r, first_epoch, model, optimizer, carry, rngs, data, d
         utils.check_finite(np.concatenate([w.ravel() for w in model.weights]),
                            f"the end of run {r} epoch {epoch + 1}", eta)
         history["train"][r].append(train_acc)
-        message = f"run {r} epoch {epoch + 1}: train {train_acc:.4f}"
+        message = f"run {r} epoch {epoch + 1}: train {100 * train_acc:.2f}%"
         if args.validation:
             val_acc, test_acc = evaluate(model, val_set, test_set)
             history["val"][r].append(val_acc)
             history["test"][r].append(test_acc)
-            message += f", validation {val_acc:.4f}, test {test_acc:.4f}"
+            message += f", validation {100 * val_acc:.2f}%, test {100 * test_acc:.2f}%"
         if args.check_cos_norm:
             record_angle(history, model)
         history["epoch_time_s"][r].append(time.perf_counter() - tic)

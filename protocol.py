@@ -70,8 +70,8 @@ def add_common_arguments(parser, *, exp_name, learn_types, update_types, train_e
     add = parser.add_argument
     add("--exp_name", "-en", type=utils.folder_word, default=exp_name,
         help="experiment name (in the folder name)")
-    add("--learn_type", "-lt", default="ERIN", choices=learn_types,
-        help="learning rule (ERIN = PEPITA)")
+    add("--learn_type", "-lt", default="ERIN", choices=learn_types, type=utils.rule_name,
+        help="learning rule (ERIN = PEPITA; PEPITA is accepted as ERIN)")
     add("--n_runs", "-r", type=utils.positive_int, default=1,
         help="repetitions of the whole run")
     add("--train_epochs", "-trep", type=utils.positive_int, default=train_epochs,
@@ -466,13 +466,14 @@ class Run:
         finished or diverged)."""
         elapsed = time.time() - self.start_time
         self.engine.write_files(self.folder, self.args, self.history, status, elapsed)
-        fields = self.engine.metrics(self.history, self.runs_finished)
+        # one schema for both scripts: a key that the script does not measure is null
+        fields = {**dict.fromkeys(METRICS_KEYS), **self.engine.metrics(self.history,
+                                                                         self.runs_finished)}
         summary = {}
         for key in ("train", "val", "test"):
             values = fields.get(f"final_{key}")
-            if values:
-                summary[f"{key}_mean"] = float(np.mean(values))
-                summary[f"{key}_std"] = float(np.std(values))
+            summary[f"{key}_mean"] = float(np.mean(values)) if values else None
+            summary[f"{key}_std"] = float(np.std(values)) if values else None
         settings = {k: v for k, v in vars(self.args).items() if k != "command"}
         divergence = self.history.get("divergence")
         utils.write_json(self.folder / "metrics.json", {
@@ -484,6 +485,10 @@ class Run:
             "runs_finished": self.runs_finished, "accuracy_unit": "percent",
             "summary": summary, "total_time_s": elapsed,
             **({"divergence": divergence} if divergence else {}), **fields})
+
+
+METRICS_KEYS = ("loss", "train", "val", "test", "final_train", "final_val", "final_test",
+                "angles", "norms", "alignment", "epoch_time_s")
 
 
 def git_commit():

@@ -219,8 +219,8 @@ def build_runs(args, common):
             grid.append("seed=" + ",".join(map(str, range(args.seeds))))
         specs = []
         for values, flags in grid_flags(args.script, grid):
-            rule = values.pop("learn_type", None) or flag_value(common, ("--learn_type", "-lt"),
-                                                                 "ERIN")
+            rule = utils.rule_name(values.pop("learn_type", None) or flag_value(
+                common, ("--learn_type", "-lt"), "ERIN"))
             seed = values.pop("seed")
             variant = "_".join(f"{k}={v}" for k, v in values.items())
             specs.append(make_spec(args.script, [*common, *flags], rule, seed, variant))

@@ -118,10 +118,23 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the line that matters and where to look, not the
+    usage block first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def new_parser(doc, **kwargs):
-    """An argparse parser whose --help shows every flag's default once."""
-    return argparse.ArgumentParser(description=doc.split("\n")[0],
-                                   formatter_class=DefaultsHelpFormatter, **kwargs)
+    """A Parser whose --help shows every flag's default once."""
+    return Parser(description=doc.split("\n")[0], formatter_class=DefaultsHelpFormatter,
+                  **kwargs)
+
+
+def rule_name(text):
+    """--learn_type: PEPITA, the paper's name, is the published flag value ERIN."""
+    return "ERIN" if text == "PEPITA" else text
 
 
 def keep_probability(text):
