@@ -58,26 +58,42 @@ def write_collection(out_root, groups, notes, commands):
     codes = sorted({run["code"] for runs in groups.values() for run in runs})
     out = Path(out_root) / "_".join(DATASET_NAMES.get(c, c) for c in codes)
     out.mkdir(parents=True, exist_ok=True)
+    return merge_into(out, table_rows(groups), curve_lines(groups), notes, commands), out
+
+
+def merge_collection(out, source):
+    """Add another collected folder's rows, curves, notes and commands to out (a row of the
+    same rule, net and variant replaced), e.g. a settings search's runs that the preset now
+    takes; returns the rows."""
+    found = read_collection(Path(source))
+    if not found["rows"]:
+        raise UsageError(f"{source} holds no table.md and curves.csv of sweep.py")
+    return merge_into(Path(out), found["rows"], found["curve_lines"], found["notes"],
+                      found["commands"])
+
+
+def merge_into(out, new_rows, new_lines, notes, commands):
+    """Write out's four files from what it holds and the new rows and curve lines."""
     earlier = read_collection(out)
-    new_rows = table_rows(groups)
     replaced = {row_key(row) for row in new_rows}
-    rows = [row for row in earlier["rows"] if row_key(row) not in replaced]
-    rows += new_rows
+    rows = [row for row in earlier["rows"] if row_key(row) not in replaced] + new_rows
     notes = list(dict.fromkeys([*earlier["notes"], *notes]))
     utils.write_text(out / "table.md", "".join(f"{n}\n\n" for n in notes)
                      + table_markdown(rows))
     kept = [line for line in earlier["curve_lines"]
             if row_key(dict(zip(("rule", "path", "variant"), line.split(",")[:3])))
             not in replaced]
-    write_curves_csv(out / "curves.csv", groups, kept)
+    utils.write_text(out / "curves.csv", "\n".join([CURVES_HEADER, *kept, *new_lines]) + "\n")
     curves = {}
     for (rule, path, variant), by_seed in utils.read_curves_csv(out / "curves.csv").items():
         length = min(map(len, by_seed.values()))
         if length:
             curves[utils.run_label(rule, path, variant)] = [c[:length] for c in by_seed.values()]
-    names = ", ".join(DATASET_NAMES.get(c, c) for c in codes)
+    papers = {utils.run_label(row["rule"], row["path"], row["variant"]): row["paper"]
+              for row in rows if row["paper"]}
+    names = out.name
     plot_comparison(out / "test_curves.png", curves,
-                    f"{names}: test accuracy, mean ± std over seeds")
+                    f"{names}: test accuracy, mean ± std over seeds", papers)
     commands = "\n".join(dict.fromkeys([*earlier["commands"], *commands]))
     utils.write_text(out / "README.md", (
         f"# {names}: collected by sweep.py\n\n"
@@ -89,9 +105,10 @@ def write_collection(out_root, groups, notes, commands):
         "the paper's std (marked beyond 2), the slowness and acc_max of the mean test curve "
         f"(first {SLOWNESS_FIT_EPOCHS} epochs), the median time per epoch and the machine.\n"
         "- `curves.csv`: every run's per-epoch accuracies (%).\n"
-        "- `test_curves.png`: mean test curve per rule, with a band of ± one std; the right "
-        "panel zooms on the rules near the best.\n"))
-    return rows, out
+        "- `test_curves.png`: mean test curve per rule, with a band of ± one std, and the "
+        "paper's mean with its band of ± 2 std at the right end; the right panel zooms on "
+        "the rules near the best.\n"))
+    return rows
 
 
 def table_rows(groups):
@@ -155,9 +172,12 @@ def format_distance(distance):
     return printed + (" **(> 2)**" if abs(float(printed)) > 2 else "")
 
 
-def write_curves_csv(path, groups, kept=()):
-    """Every run's curves, after the kept lines of an earlier collect."""
-    lines = ["rule,path,variant,seed,epoch,train_acc_percent,test_acc_percent", *kept]
+CURVES_HEADER = "rule,path,variant,seed,epoch,train_acc_percent,test_acc_percent"
+
+
+def curve_lines(groups):
+    """curves.csv's lines of every run's curves."""
+    lines = []
     for (path_label_, rule, variant), runs in groups.items():
         for run in runs:
             for epoch, test in enumerate(run["test"], start=1):
@@ -165,7 +185,7 @@ def write_curves_csv(path, groups, kept=()):
                 train = f"{train:.4f}" if train != "" else ""
                 lines.append(f"{rule},{path_label_},{variant},{run['seed']},{epoch},{train},"
                              f"{test:.4f}")
-    utils.write_text(path, "\n".join(lines) + "\n")
+    return lines
 
 
 def row_key(row):
@@ -217,29 +237,46 @@ def parse_table_row(line, with_angle):
             "angle": number(angle), "machine": cells[-1]}
 
 
-def plot_comparison(path, curves, title):
+def plot_comparison(path, curves, title, papers=None):
     """Mean ± std test curves {label: runs x epochs}: every rule on the left, and on the
     right a zoom on the rules whose final accuracy is within ZOOM_POINTS of the best; the
-    legend beside the panels, integer epochs."""
+    paper's mean ± 2 std ({label: (mean, std)}) as a bar right of each curve's end, in its
+    colour; a curve equal to an earlier one is dashed and says so; the legend beside the
+    panels, integer epochs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+    papers = papers or {}
     means = {label: np.asarray(runs, float).mean(0) for label, runs in curves.items()}
     best = max(mean[-1] for mean in means.values())
     top = [label for label, mean in means.items() if mean[-1] >= best - ZOOM_POINTS]
     colors = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    drawn = {}
     for (label, runs), color in zip(curves.items(), itertools.cycle(colors)):
         runs = np.asarray(runs, float)
         epochs = np.arange(1, runs.shape[1] + 1)
         mean, std = runs.mean(0), runs.std(0)
+        twin = next((other for other, curve in drawn.items() if np.array_equal(curve, mean)),
+                    None)
+        drawn[label] = mean
+        shown = f"{label} (the same curve as {twin}: dashed)" if twin else label
+        paper = papers.get(label)
         for ax in axes if label in top else axes[:1]:
             ax.plot(epochs, mean, color=color, marker="." if len(epochs) < 30 else None,
-                    label=label if ax is axes[0] else None)
+                    linestyle="--" if twin else "-", label=shown if ax is axes[0] else None)
             ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2)
-    high = max(means[label].max() for label in top) + 0.3
-    low = min(min(means[label][-1] for label in top) - 1.0, high - ZOOM_POINTS)
+            if paper:
+                ax.errorbar(epochs[-1] * 1.03 + 1, paper[0], yerr=2 * paper[1], color=color,
+                            marker="D", markersize=5, capsize=4)
+    if papers:
+        axes[0].errorbar([], [], yerr=[], color="black", marker="D", linestyle="none",
+                         capsize=4, label="the paper's mean ± 2 std (at the right end)")
+    high = max(max(means[label].max(), papers.get(label, (0, 0))[0]) for label in top) + 0.3
+    low = min(min(means[label][-1] for label in top) - 1.0, high - ZOOM_POINTS,
+              *(papers[label][0] - 2 * papers[label][1] - 0.3 for label in top
+                if label in papers))
     axes[1].set_ylim(low, high)
     axes[0].set_title(title)
     axes[1].set_title(f"zoom: the rules within {ZOOM_POINTS:g} points of the best")

@@ -349,6 +349,48 @@ def test_the_combined_table_has_every_cell_of_the_paper(tmp_path):
     assert "python sweep.py --combine" in (tmp_path / "README.md").read_text()
 
 
+def fake_runs(path, rule, variant, finals, code="mn"):
+    return {(path, rule, variant): [
+        {"seed": seed, "test": [50.0, final], "train": [], "final": final, "times": [1.0],
+         "angle": None, "machine": "here", "code": code} for seed, final in enumerate(finals)]}
+
+
+def test_a_settings_folder_merges_into_its_dataset_table_and_figure(tmp_path):
+    report.write_collection(tmp_path, {**fake_runs("numpy", "FA", "", [98.0]),
+                                       **fake_runs("numpy", "DFA", "", [98.0]),
+                                       **fake_runs("Net1conv1fcXL", "ERIN", "a=1", [97.0])},
+                            ["a note"], ["python sweep.py --paper mnist"])
+    report.write_collection(tmp_path / "search", fake_runs("Net1conv1fcXL", "ERIN", "a=0",
+                                                           [98.2, 98.4]), [],
+                            ["python sweep.py --grid a=0"])
+    rows = report.merge_collection(tmp_path / "mnist", tmp_path / "search" / "mnist")
+    assert [(row["rule"], row["variant"], row["seeds"]) for row in rows] == [
+        ("FA", "", 1), ("DFA", "", 1), ("PEPITA", "a=1", 1), ("PEPITA", "a=0", 2)]
+    table = (tmp_path / "mnist" / "table.md").read_text()
+    assert table.startswith("a note") and "| 98.30 ± 0.10 | 98.29 ± 0.13 |" in table
+    assert len((tmp_path / "mnist" / "curves.csv").read_text().splitlines()) == 1 + 2 * 5
+    readme = (tmp_path / "mnist" / "README.md").read_text()
+    assert "--paper mnist" in readme and "--grid a=0" in readme
+    assert (tmp_path / "mnist" / "test_curves.png").stat().st_size > 10000
+
+
+def test_the_figure_marks_the_paper_and_says_which_curves_coincide(tmp_path, monkeypatch):
+    import matplotlib.axes
+    labels, bars = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda self, x, y, **kw:
+                        bars.append((y, kw.get("yerr"))))
+    original = matplotlib.axes.Axes.plot
+
+    def plot(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    report.plot_comparison(tmp_path / "f.png", {"FA numpy": [[90, 98]], "DFA numpy": [[90, 98]]},
+                           "t", {"FA numpy": (98.42, 0.07)})
+    assert "DFA numpy (the same curve as FA numpy: dashed)" in labels
+    assert (98.42, 2 * 0.07) in bars
+
+
 def test_a_distance_is_marked_beyond_2_std_by_its_printed_value():
     assert report.format_distance((98.57 - 98.63) / 0.03) == "-2.0"  # -2.0000000000000076
     assert report.format_distance(-2.06) == "-2.1 **(> 2)**"
