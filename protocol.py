@@ -117,6 +117,7 @@ def run_cli(parser, train, argv=None):
         args = parser.parse_args(argv)
         if args.resume and args.overwrite:
             parser.error("--resume and --overwrite exclude each other")
+        check_utf8(args)
         setup_logging(args.VERBOSE)
         keep_freed_memory()
         args.command = argv
@@ -146,6 +147,16 @@ def run_cli(parser, train, argv=None):
             signal.signal(signum, handler)
         SIGNALLED.clear()
     return 0
+
+
+def check_utf8(args):
+    """Names and paths that are not valid UTF-8 (bytes the shell passed through) cannot be
+    written into the results' text files: refused before any folder is made."""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not utils.is_utf8(text):
+                raise UsageError(f"--{name} {text.encode('utf-8', 'surrogateescape')!r} is "
+                                 "not valid UTF-8; give a name or path in UTF-8")
 
 
 def rerun_advice():

@@ -698,6 +698,10 @@ def main(argv=None):
         else (argv, [])
     parser = build_parser()
     args = parser.parse_args(own)
+    bad = next((word for word in argv if not utils.is_utf8(word)), None)
+    if bad is not None:
+        parser.error(f"{bad.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8; give "
+                     "names and paths in UTF-8")
     protocol.setup_logging(args.verbose)
     handlers = {signum: signal.signal(signum, interrupt)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -737,7 +741,7 @@ def sweep(args, common, own):
         raise UsageError("--other_seeds goes with --paper; use --seeds")
     args.other_seeds = args.other_seeds or args.seeds
     data_flags = ["--data_dir", str(Path(args.data_dir).resolve())] if args.data_dir else []
-    specs = build_runs(args, [*common, *data_flags])
+    specs = build_runs(args, [*absolute_paths(common), *data_flags])
     if args.gpus_per_trial:
         if any(spec["script"] == "main.py" for spec in specs):
             raise UsageError("--gpus_per_trial: main.py runs on the CPU only; sweep "
@@ -781,6 +785,22 @@ OWN_FLAGS = {"--results_dir": "sweep.py gives each run its folder",
              "--overwrite": "sweep.py never replaces a run's results",
              "--nested_folder": "sweep.py gives each run its folder",
              "--seed": "give seeds with --seeds or --grid seed=..."}
+
+
+PATH_FLAGS = {"--data_dir", "--continue_training_path", "-ct_path"}
+
+
+def absolute_paths(flags):
+    """The path values of the flags after --, resolved from the folder the sweep was started
+    in: its trials run in the repository root."""
+    flags = list(flags)
+    for i, flag in enumerate(flags):
+        name, eq, value = flag.partition("=")
+        if name in PATH_FLAGS and eq:
+            flags[i] = f"{name}={Path(value).expanduser().resolve()}"
+        elif flag in PATH_FLAGS and i + 1 < len(flags):
+            flags[i + 1] = str(Path(flags[i + 1]).expanduser().resolve())
+    return flags
 
 
 def check_flags(specs, common):

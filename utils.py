@@ -181,6 +181,16 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def is_utf8(text):
+    """False for a str that holds undecodable bytes (surrogate escapes, as os.fsdecode and
+    sys.argv keep them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def sha256_of(path):
     """The sha256 of a file's bytes, read in blocks."""
     digest = hashlib.sha256()

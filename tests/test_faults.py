@@ -436,6 +436,23 @@ def test_a_folder_with_an_archive_names_its_decoder(tmp_path):
     assert str(Path.home() / ".cache" / "pepita-data" / "cifar100") in str(err.value)
 
 
+@pytest.mark.parametrize("entry", [main.main, main_pytorch.main])
+@pytest.mark.parametrize("where", ["--exp_name", "--results_dir"])
+def test_names_that_are_not_utf8_are_refused_before_any_folder(tmp_path, mnist_dir, capsys,
+                                                                entry, where):
+    job = NUMPY_JOB if entry is main.main else TORCH_JOB
+    bad = "run\udcff"  # the byte 0xff as sys.argv holds it
+    root = tmp_path / "r"
+    argv = [*job, "--data_dir", str(mnist_dir)]
+    argv += (["--exp_name", bad, "--results_dir", str(root)] if where == "--exp_name"
+             else ["--results_dir", str(root / bad)])
+    with pytest.raises(SystemExit) as exit_info:
+        entry(argv)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and f"{where} " in line and "not valid UTF-8" in line
+    assert not root.exists()
+
+
 def test_float_images_in_0_1_train_like_the_uint8_ones(tmp_path, images):
     x_train, y_train, x_test, y_test = images
     as_bytes = npz_dataset(tmp_path / "bytes", *images)

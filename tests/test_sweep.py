@@ -391,6 +391,22 @@ def test_the_figure_marks_the_paper_and_says_which_curves_coincide(tmp_path, mon
     assert (98.42, 2 * 0.07) in bars
 
 
+def test_relative_paths_after_the_double_dash_are_read_from_the_users_folder(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main(["--script", "main.py", "--dry_run", "--", "--data_dir", "data/x",
+                       "--continue_training_path=w"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"--data_dir {tmp_path / 'data' / 'x'} " in first
+    assert f"--continue_training_path={tmp_path / 'w'} " in first
+
+
+def test_a_sweep_refuses_names_that_are_not_utf8(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--script", "main.py", "--dry_run", "--", "--exp_name", "x\udcfe"])
+    assert exit_info.value.code == 2 and "not valid UTF-8" in capsys.readouterr().err
+
+
 def test_a_distance_is_marked_beyond_2_std_by_its_printed_value():
     assert report.format_distance((98.57 - 98.63) / 0.03) == "-2.0"  # -2.0000000000000076
     assert report.format_distance(-2.06) == "-2.1 **(> 2)**"
