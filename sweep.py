@@ -337,11 +337,15 @@ def trial(config):
         tune.report({"epoch": epochs, "test_acc": acc, "state": "done earlier"})
         return
     command, how = start_command(spec, run_dir)
+    earlier = read_record(run_dir)
     threads = str(cpus)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
            "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     record = {"name": spec["name"], "command": command, "how": how, "cpus": cpus,
-              "gpus": gpus, "machine": machine(cpus, gpus), "started": time.time()}
+              "gpus": gpus, "machine": machine(cpus, gpus), "started": time.time(),
+              # how the earlier tries of this run ended (a retry, or the sweep run again)
+              "earlier_ends": [*earlier.get("earlier_ends", []),
+                               *([earlier["message"]] if earlier.get("message") else [])]}
     log_path = run_dir / "log.txt"
     offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log_file:
@@ -357,7 +361,7 @@ def trial(config):
     record.update(returncode=child.returncode, wall_s=time.time() - record["started"])
     if child.returncode < 0:  # the log's last line is only its progress then
         record["message"] = (f"ended by {signal.Signals(-child.returncode).name} (not by an "
-                             "error of its own); rerun the sweep to resume it")
+                             "error of its own)")
     elif child.returncode != 0:
         with open(log_path, "rb") as f:
             f.seek(offset)
@@ -366,11 +370,18 @@ def trial(config):
         record["message"] = lines[-1] if lines else f"exit status {child.returncode}"
     utils.write_json(run_dir / "trial.json", record)
     epochs, acc = progress(read_metrics(run_dir))
-    if child.returncode != 0:  # reported, not raised: one line instead of Ray's traceback
+    if child.returncode < 0:  # killed from outside: raised, so that Tune retries the trial
+        raise TrialKilled(record["message"])
+    if child.returncode != 0:  # its own error: reported once, not retried
         tune.report({"epoch": epochs, "test_acc": acc, "state": "failed",
                      "message": record["message"]})
     elif epochs > reported:
         tune.report({"epoch": epochs, "test_acc": acc, "state": how})
+
+
+class TrialKilled(RuntimeError):
+    """The run's process was killed (not its own error): Tune retries the trial, whose run
+    resumes from its last epoch (--max_failures)."""
 
 
 def progress_callback():
@@ -393,11 +404,21 @@ def progress_callback():
                      "-" if acc is None else f"{acc:.2f}%", result.get("state"), running,
                      sum(t.is_finished() for t in trials), len(trials))
 
-        def on_trial_error(self, iteration, trials, trial, **info):  # a worker lost
-            log.error("failed %s (its worker ended; rerun the sweep to resume it)",
-                      trial.config["spec"]["name"])
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            log.warning("retry  %s from its last epoch (%s)", trial.config["spec"]["name"],
+                        ended_how(trial))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log.error("failed %s (%s; rerun the sweep to resume it)",
+                      trial.config["spec"]["name"], ended_how(trial))
 
     return Progress()
+
+
+def ended_how(trial):
+    """Why a trial ended: its run's record, or its worker lost."""
+    record = read_record(Path(trial.config["sweep_dir"]) / "runs" / trial.config["spec"]["name"])
+    return record.get("message") or "its worker ended"
 
 
 def check_address(address):
@@ -466,6 +487,7 @@ def run_sweep(specs, sweep_dir, args):
             run_config=tune.RunConfig(
                 name=time.strftime("tune_%Y%m%d_%H%M%S"), verbose=0,
                 storage_path=str((sweep_dir / "ray").resolve()),
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 callbacks=[progress_callback()]))
         tuner.fit()
     finally:
@@ -670,6 +692,9 @@ def build_parser():
         help="CPU cores per run (also its BLAS and torch threads)")
     add("--gpus_per_trial", type=utils.non_negative_float, default=0,
         help="GPUs per run; > 0 adds --device cuda to main_pytorch.py runs")
+    add("--max_failures", type=utils.non_negative_int, default=2,
+        help="retries of a trial whose run was killed or whose node was lost (it resumes "
+             "from its last epoch); a run's own error is not retried; 0: no retries")
     add("--dry_run", action="store_true",
         help="print the runs, their commands, where the outputs go and an estimate of the "
              "time; run none")

@@ -3,8 +3,9 @@
     python examples/own_model.py --data_dir ../shared/data/mnist            # both models
     python examples/own_model.py --data_dir ../shared/data/mnist --model cnn --epochs 5
 
-Printed here (2-core CPU, seed 0, 3 epochs each; see README, "Train your own model with
-PEPITA"): the MLP at 96.7% test accuracy, the CNN at 97.6%.
+Printed here (seed 0, 3 epochs each, one thread of a 2-core CPU beside two training runs,
+about 80 s in all; README, "Train your own model with PEPITA"): the MLP at 95.79% test
+accuracy (93.27% after one epoch), the CNN at 94.54% (92.53% after one).
 """
 import argparse
 import logging

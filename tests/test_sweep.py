@@ -588,7 +588,7 @@ def test_a_signalled_sweep_ends_its_trials_and_gives_our_advice(tmp_path, mnist_
 
 
 def test_a_trial_ended_by_a_signal_says_so(tmp_path, mnist_4k):
-    argv = long_argv(tmp_path / "s", mnist_4k)
+    argv = ["--max_failures", "0", *long_argv(tmp_path / "s", mnist_4k)]
     process = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), *argv], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pid = wait_for(lambda: training_processes(tmp_path / "s"))[0]
@@ -600,3 +600,24 @@ def test_a_trial_ended_by_a_signal_says_so(tmp_path, mnist_4k):
     assert len(killed) == 1 and killed[0]["message"].startswith("ended by SIGKILL")
     assert err.strip().splitlines()[-1].endswith(
         f"table, curves and figure in {tmp_path / 's' / 'mnist'}")
+
+
+def test_a_killed_trial_is_retried_and_resumes_to_the_uninterrupted_results(tmp_path,
+                                                                            mnist_4k):
+    process = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"),
+                                *long_argv(tmp_path / "s", mnist_4k)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = lambda: list((tmp_path / "s").glob("runs/*/res_*/metrics.json"))  # noqa: E731
+    pid = wait_for(lambda: started() and training_processes(tmp_path / "s"))[0]
+    os.kill(pid, signal.SIGKILL)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert "retry  " in err and "from its last epoch (ended by SIGKILL" in err
+    records = [json.loads(p.read_text()) for p in (tmp_path / "s").glob("runs/*/trial.json")]
+    retried = [r for r in records if r["earlier_ends"]]
+    assert len(retried) == 1 and retried[0]["how"] == "resume"
+    assert retried[0]["earlier_ends"][0].startswith("ended by SIGKILL")
+    assert sweep.main(long_argv(tmp_path / "straight", mnist_4k)) == 0
+    assert final_tests(tmp_path / "s") == final_tests(tmp_path / "straight")
+    assert ((tmp_path / "s" / "mnist" / "curves.csv").read_text() ==
+            (tmp_path / "straight" / "mnist" / "curves.csv").read_text())
