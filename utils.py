@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import zipfile
 import zlib
@@ -329,27 +330,45 @@ def run_label(rule, *parts):
 
 
 def find_test_curves(sources):
-    """{label: test curves (runs x epochs, fractions)} from each source: a results folder
-    (metrics.json), a sweep folder (its runs/*/res_*/), or a collected folder (curves.csv,
-    one label per rule, path and variant)."""
-    found = {}
+    """({panel: {label: test curves (runs x epochs, fractions)}}, notes): one panel per
+    folder (the runs of one results folder share a panel), a results folder (metrics.json),
+    a sweep folder (its runs/*/res_*/, the seeds of
+    a run averaged under one label) or a collected folder (curves.csv, one label per rule,
+    path and variant); notes: the runs skipped, which have no per-epoch test curve."""
+    panels, notes = {}, []
     for source in map(Path, sources):
-        if (source / "metrics.json").is_file():
-            found[source.name] = load_test_curves(source)
-        elif (source / "curves.csv").is_file():
+        single = (source / "metrics.json").is_file()  # a run: one panel for its folder's runs
+        found = panels.setdefault(source.parent.name if single else
+                                  f"{source.parent.name}/{source.name}", {})
+        if not source.is_dir():
+            raise FileNotFoundError(f"{source} does not exist: give a results, sweep or "
+                                    "collected folder")
+        if (source / "curves.csv").is_file():
             for (rule, path, variant), by_seed in read_curves_csv(source / "curves.csv").items():
-                label = run_label(rule, path, variant)
                 length = min(map(len, by_seed.values()))
-                found[f"{source.name}: {label}"] = np.array(
+                found[run_label(rule, path, variant)] = np.array(
                     [curve[:length] for curve in by_seed.values()]) / 100
-        elif (source / "runs").is_dir():
-            found.update((f"{source.name}: {run.parent.name}", load_test_curves(run))
-                         for run in sorted((source / "runs").glob("*/res_*"))
-                         if (run / "metrics.json").is_file())
-        else:
+            continue
+        folders = ([source] if single else
+                   sorted(run for run in (source / "runs").glob("*/res_*")
+                          if (run / "metrics.json").is_file()))
+        if not folders and not (source / "runs").is_dir():
             raise FileNotFoundError(f"{source} holds no metrics.json, curves.csv or runs/: "
                                     "give a results, sweep or collected folder")
-    return found
+        runs = {}
+        for folder in folders:
+            curves = load_test_curves(folder)
+            if curves is None:
+                notes.append(f"skipped {folder}: no per-epoch test accuracy (main.py without "
+                             "--validation)")
+                continue
+            label = (source.name if folder == source else
+                     re.sub(r"_seed[^_]*$", "", folder.parent.name))
+            runs.setdefault(label, []).extend(curves)
+        for label, curves in runs.items():
+            length = min(map(len, curves))
+            found[label] = np.array([curve[:length] for curve in curves])
+    return {panel: found for panel, found in panels.items() if found}, notes
 
 
 def read_curves_csv(path):
@@ -365,7 +384,8 @@ def read_curves_csv(path):
 
 def load_test_curves(folder):
     """Test-accuracy curves (runs x epochs, fractions) of a results folder written by
-    main.py (validated runs) or main_pytorch.py, from its metrics.json."""
+    main.py or main_pytorch.py, from its metrics.json; None for a main.py run without
+    --validation (no per-epoch test accuracy)."""
     path = Path(folder) / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no metrics.json: give a results folder "
@@ -373,8 +393,7 @@ def load_test_curves(folder):
     metrics = json.loads(path.read_text())
     runs = [run for run in metrics["test"] if run]
     if not runs:
-        raise ValueError(f"{folder} has no per-epoch test accuracy: run main.py with "
-                         "--validation")
+        return None
     length = min(map(len, runs))
     curves = np.array([run[:length] for run in runs], float)
     return curves / 100 if metrics.get("accuracy_unit") == "percent" else curves

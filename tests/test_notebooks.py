@@ -88,11 +88,29 @@ def test_slowness_notebook_reads_sweeps_and_collected_curves_from_the_repository
     sources = [str(short), str(tmp_path / "sweep"), str(ROOT / "results" / "paper" / "mnist")]
     cells = execute(SLOWNESS, cwd=ROOT, RESULT_FOLDERS=sources, FIT_EPOCHS=60)
     printed = text_output(cells[2])
-    assert f"skipped {short.name}: 1 epoch, a fit needs at least 2" in printed
+    assert f"skipped short: {short.name}: 1 epoch, a fit needs at least 2" in printed
     fits = text_output(cells[-1]).strip().splitlines()
-    assert [line.split(":")[0] for line in fits[:2]] == ["sweep", "sweep"]
-    assert any(line.startswith("mnist: PEPITA numpy: slowness 0.05") for line in fits)
-    assert len(fits) == 2 + 8  # the sweep's 2 runs and the 8 rows of the MNIST table
+    assert [line.split(":")[:2] for line in fits[:2]] == [
+        [f"{tmp_path.name}/sweep", " a"], [f"{tmp_path.name}/sweep", " b"]]
+    assert any(line.startswith("paper/mnist: PEPITA numpy: slowness 0.05") for line in fits)
+    assert len(fits) == 2 + 9  # the sweep's 2 runs and the 9 rows of the MNIST table
+
+
+def test_slowness_notebook_skips_runs_without_a_curve_and_reads_folders_from_the_root(
+        tmp_path, mnist_dir):
+    common = ["--data_dir", str(mnist_dir), "--seed", "0", "--start_size", "16",
+              "--n_hlayers", "1", "--train_epochs", "2", "--results_dir", str(tmp_path)]
+    main.main(["--exp_name", "curve", "--validation", *common])
+    main.main(["--exp_name", "nocurve", *common])
+    folders = [str(p) for p in sorted(tmp_path.iterdir())] + ["results/paper/mnist"]
+    cells = execute(SLOWNESS, cwd=NOTEBOOKS, RESULT_FOLDERS=folders)
+    printed = text_output(cells[2])
+    assert "skipped" in printed and "nocurve" in printed and "--validation" in printed
+    fits = text_output(cells[-1]).strip().splitlines()
+    assert sum("curve" in line for line in fits) == 1 and len(fits) == 1 + 9
+    with pytest.raises(CellExecutionError) as error:
+        execute(SLOWNESS, cwd=NOTEBOOKS, RESULT_FOLDERS=["results/paper/no_such_folder"])
+    assert "no_such_folder does not exist" in error.value.evalue
 
 
 @pytest.mark.parametrize("notebook", [TUTORIAL, SLOWNESS])
