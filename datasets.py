@@ -30,17 +30,18 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 EMNIST_FILES = tuple(f"emnist-balanced-{name}" for name in MNIST_FILES)
 
-# code -> name, image shape (H, W, C), classes, npz name, sub-folders searched, IDX names
+# code -> name, alias (the published flag --ALIAS, the presets' and results folders' name),
+# image shape (H, W, C), classes, npz name, sub-folders searched, IDX names
 DATASETS = {
-    "mn": dict(name="MNIST", shape=(28, 28, 1), classes=10, npz="mnist.npz",
+    "mn": dict(name="MNIST", alias="mnist", shape=(28, 28, 1), classes=10, npz="mnist.npz",
                dirs=("mnist", "MNIST/raw"), idx=MNIST_FILES),
-    "fmn": dict(name="Fashion-MNIST", shape=(28, 28, 1), classes=10, npz="fashion_mnist.npz",
+    "fmn": dict(name="Fashion-MNIST", alias="fmnist", shape=(28, 28, 1), classes=10, npz="fashion_mnist.npz",
                 dirs=("fashion-mnist", "fashion_mnist", "FashionMNIST/raw"), idx=MNIST_FILES),
-    "emn": dict(name="EMNIST balanced", shape=(28, 28, 1), classes=47, npz="emnist_balanced.npz",
+    "emn": dict(name="EMNIST balanced", alias="emnist", shape=(28, 28, 1), classes=47, npz="emnist_balanced.npz",
                 dirs=("emnist", "EMNIST/raw", "gzip"), idx=EMNIST_FILES),
-    "cif": dict(name="CIFAR-10", shape=(32, 32, 3), classes=10, npz="cifar10.npz",
+    "cif": dict(name="CIFAR-10", alias="cifar10", shape=(32, 32, 3), classes=10, npz="cifar10.npz",
                 dirs=("cifar-10-batches-py",), idx=None),
-    "cif100": dict(name="CIFAR-100", shape=(32, 32, 3), classes=100, npz="cifar100.npz",
+    "cif100": dict(name="CIFAR-100", alias="cifar100", shape=(32, 32, 3), classes=100, npz="cifar100.npz",
                    dirs=("cifar-100-python",), idx=None),
 }
 

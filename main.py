@@ -28,10 +28,6 @@ from datasets import DATASETS
 from utils import DivergenceError, UsageError
 
 log = logging.getLogger("pepita")
-DATASET_ALIASES = {"mnist": "mn", "emnist": "emn", "fmnist": "fmn", "cifar10": "cif",
-                   "cifar100": "cif100"}
-SHORT_ALIASES = {"mnist": "-mn", "emnist": "-emn", "fmnist": "-fmn", "cifar10": "-cif",
-                 "cifar100": "-cif100"}
 MIN_ETA = 1e-6
 
 
@@ -57,8 +53,8 @@ def build_parser():
         help="start from the weights (and F) saved in --continue_training_path")
     add("--continue_training_path", "-ct_path", default=None,
         help="a results folder (its weights_run0.npz) or a weights .npz file")
-    for name, code in DATASET_ALIASES.items():
-        add(f"--{name}", SHORT_ALIASES[name], dest="alias_" + code, action="store_true",
+    for code, spec in DATASETS.items():  # the published --mnist, -mn, ...
+        add(f"--{spec['alias']}", f"-{code}", dest="alias_" + code, action="store_true",
             help=f"same as --dataset {code}")
     add("--datadebug", "-datadebug", action="store_true",
         help="one sample x = [1, 0, 0, 0], t = [0, 0.5]")

@@ -10,30 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+import paper
 import utils
+from datasets import DATASETS
 from utils import UsageError
 
 ROOT = Path(__file__).resolve().parent
 SLOWNESS_FIT_EPOCHS = 60
 ZOOM_POINTS = 3.0
-DATASET_TITLES = {"mn": "MNIST", "cif": "CIFAR-10", "cif100": "CIFAR-100"}
-DATASET_NAMES = {"mn": "mnist", "fmn": "fashion_mnist", "emn": "emnist", "cif": "cifar10",
-                 "cif100": "cifar100"}
-
-# The paper's Table 1 (../shared/pepita-reference.md, section 5): mean, std of the final
-# test accuracy (%), per dataset, kind of net and rule.
-PAPER_TABLE = {
-    "mn": {"FC": {"BP": (98.63, 0.03), "FA": (98.42, 0.07), "DRTP": (95.10, 0.10),
-                  "ERIN": (98.01, 0.09)},
-           "conv": {"BP": (98.86, 0.04), "ERIN": (98.29, 0.13)}},
-    "cif": {"FC": {"BP": (55.27, 0.52), "FA": (53.82, 0.24), "DRTP": (45.89, 0.16),
-                   "ERIN": (52.57, 0.36)},
-            "conv": {"BP": (64.99, 0.32), "ERIN": (56.33, 1.35)}},
-    "cif100": {"FC": {"BP": (27.58, 0.09), "ERIN": (24.91, 0.22)},
-               "conv": {"BP": (34.20, 0.20), "ERIN": (27.56, 0.60)}},
-}
-PAPER_RULES = ("BP", "FA", "DRTP", "ERIN")  # the table's rows, in its order
-
 
 def net_kind(path):
     """The paper's kind of net ("FC" or "conv") of a path label, or None for other nets."""
@@ -44,7 +28,7 @@ def net_kind(path):
 
 def paper_value(code, path, rule):
     """(mean, std) of the paper's cell for this dataset, net and rule, or None."""
-    return PAPER_TABLE.get(code, {}).get(net_kind(path), {}).get(rule)
+    return paper.TABLE.get(code, {}).get(net_kind(path), {}).get(rule)
 
 
 # ------------------------------------------------------------------------------------------
@@ -56,7 +40,7 @@ def write_collection(out_root, groups, notes, commands):
     sweeps stays: a (rule, net) row of these runs replaces the row of the same rule and net,
     the others are kept with their curves, notes and commands."""
     codes = sorted({run["code"] for runs in groups.values() for run in runs})
-    out = Path(out_root) / "_".join(DATASET_NAMES.get(c, c) for c in codes)
+    out = Path(out_root) / "_".join(DATASETS[c]["alias"] if c in DATASETS else c for c in codes)
     out.mkdir(parents=True, exist_ok=True)
     return merge_into(out, table_rows(groups), curve_lines(groups), notes, commands), out
 
@@ -312,13 +296,13 @@ def display_command(command):
 # ------------------------------------------------------------------------------------------
 # The paper's Table 1 from the committed per-dataset results (results/paper/README.md)
 # ------------------------------------------------------------------------------------------
-TABLE_COLUMNS = [(kind, code) for kind in ("FC", "conv") for code in ("mn", "cif", "cif100")]
+TABLE_COLUMNS = [(kind, code) for kind in ("FC", "conv") for code in paper.PRESET_CODES]
 
 
 def final_accuracies(folder):
     """{(dataset code, rule, path, variant): {seed: final test %}} from every curves.csv
     under folder/<dataset>/ (the last epoch of each run's curve)."""
-    codes = {name: code for code, name in DATASET_NAMES.items()}
+    codes = {spec["alias"]: code for code, spec in DATASETS.items()}
     finals = {}
     for csv_path in sorted(Path(folder).glob("*/**/curves.csv")):
         code = codes.get(csv_path.relative_to(folder).parts[0])
@@ -353,8 +337,8 @@ def combined_table(folder):
     """results/paper/README.md: the paper's Table 1 layout, each cell ours (mean ± std over
     n seeds, and the distance in the paper's std), then the paper's value."""
     finals = final_accuracies(folder)
-    rules = [*PAPER_RULES, *sorted({key[1] for key in finals} - set(PAPER_RULES))]
-    header = ["rule", *(f"{kind} {DATASET_TITLES[code]}" for kind, code in TABLE_COLUMNS)]
+    rules = [*paper.RULES, *sorted({key[1] for key in finals} - set(paper.RULES))]
+    header = ["rule", *(f"{kind} {DATASETS[code]['name']}" for kind, code in TABLE_COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rule in rules:
         cells = []
@@ -362,7 +346,7 @@ def combined_table(folder):
             entries = [((path, variant), list(values.values()))
                        for (c, r, path, variant), values in finals.items()
                        if c == code and r == rule and net_kind(path) == kind]
-            cells.append(table_cell(entries, PAPER_TABLE[code][kind].get(rule)))
+            cells.append(table_cell(entries, paper.TABLE[code][kind].get(rule)))
         lines.append(f"| {utils.run_label(rule)} | " + " | ".join(cells) + " |")
     folders = sorted({p.parent.relative_to(folder).as_posix()
                       for p in Path(folder).glob("*/**/curves.csv")})

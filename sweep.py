@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 import datasets
+import paper
 import protocol
 import report
 import utils
@@ -50,85 +51,6 @@ POLL_S = 2.0
 PAPER_RESULTS = ROOT / "results" / "paper"
 FOLLOWUP_RESULTS = ROOT / "results" / "followup"
 PRESET_AUTHORS = {"paper": "paper", "followup": "follow-up"}
-
-# ------------------------------------------------------------------------------------------
-# Presets: the README's paper commands
-# ------------------------------------------------------------------------------------------
-NUMPY_PAPER = ("--exp_name paper --n_runs 1 --train_epochs 100 --n_samples all --eta 0.1 "
-               "--dropout 0.9 --eta_decay --validation --batch_size 64 --update_type mom "
-               "--w_init he_uniform --build auto --struct uniform --start_size 1024 "
-               "--n_hlayers 1 --act_hidden relu --act_out softmax").split()
-# --decay_scheme 0 (eta x 0.1 at epoch 60 on MNIST; 60 and 90 on CIFAR): the published
-# default, 1 (10, 30, 60), stops the conv net at 97.44% on MNIST against the paper's 98.29
-# (results/paper/mnist/conv_settings.md)
-CONV_PAPER = ("--exp_name paper --n_runs 1 --train_epochs 100 --eta 0.01 --dropout 0.9 "
-              "--Bstd 0.05 --eta_decay --decay_scheme 0 --batch_size 50 --update_type mom "
-              "--w_init he_uniform").split()
-TUTORIAL = ("--exp_name paper --train_epochs 100 --eta 0.01 --dropout 0.9 --Bstd 0.05 "
-            "--eta_decay --decay_scheme 0 --batch_size 64 --update_type mom "
-            "--model NetFC1x1024DOcust_cif").split()
-# The follow-up's configuration (its train.py defaults, ../shared/pepita-reference.md
-# section 7): feedback normal, he_normal init, lr 0.01, momentum 0.9, batch 64, dropout keep
-# 0.9, 100 epochs, lr x 0.1 after epochs 60 and 90, with its loop (--followup_loop)
-FOLLOWUP = ("--exp_name followup --learn_type ERIN --model NetFC --feedback normal --w_init he "
-            "--eta 0.01 --update_type mom --batch_size 64 --dropout 0.9 --Bstd 0.05 "
-            "--train_epochs 100 --eta_decay --decay_scheme 2 --followup_loop").split()
-FOLLOWUP_CONFIGS = (  # (label, flags): the mode its paper calls PEPITA, + WD, + WD + mirroring
-    ("PEPITA", ["--pepita_mode", "modulated"]),
-    ("PEPITA+WD", ["--pepita_mode", "modulated", "--weight_decay", "1e-4"]),
-    ("PEPITA+WD+WM", ["--pepita_mode", "modulated", "--weight_decay", "1e-4", "--mirror"]),
-)
-NUMPY_RULES = ("ERIN", "BP", "FA", "DRTP", "ERINsign", "DFA")  # the paper's rules first
-# FA on CIFAR at the tutorial's eta 0.01 swings between 20 and 50% and ends at 43.93%; at
-# 0.001 it gives 53.76 +- 0.15, the paper's 53.82 (results/paper/cifar10/fa_settings.md)
-CIFAR_ETA = {"FA": "0.001"}
-PRESET_DATASETS = {"mnist": "mn", "cifar10": "cif", "cifar100": "cif100"}
-
-
-def paper_runs(preset, seeds, other_seeds):
-    """The runs of a preset as (script, rule, seed, flags), in the order they should run:
-    PEPITA's paper nets over `seeds` first (on CIFAR the tutorial's net, whose run the paper's
-    fully connected number comes from, and the conv net), then the other rules."""
-    code = PRESET_DATASETS[preset]
-    cifar = code != "mn"
-    conv_model = "Net1conv1fcXL_cif" if cifar else "Net1conv1fcXL"
-
-    def numpy_runs(rule, n_seeds):
-        flags = [*NUMPY_PAPER, "--learn_type", rule, "--dataset", code,
-                 "--sample_passes", "2" if rule.startswith("ERIN") else "1"]
-        if cifar:  # the tutorial's eta, but FA's own (CIFAR_ETA)
-            flags[flags.index("--eta") + 1] = CIFAR_ETA.get(rule, "0.01")
-        return [("main.py", rule, seed, flags) for seed in range(n_seeds)]
-
-    def conv_runs(rule, n_seeds):
-        flags = [*CONV_PAPER, "--learn_type", rule, "--dataset", code, "--model", conv_model]
-        return [("main_pytorch.py", rule, seed, flags) for seed in range(n_seeds)]
-
-    runs = [("main_pytorch.py", "ERIN", seed, [*TUTORIAL, "--dataset", code])
-            for seed in range(seeds if cifar else 0)]
-    runs += conv_runs("ERIN", seeds)
-    runs += numpy_runs("ERIN", other_seeds if cifar else seeds)
-    runs += conv_runs("BP", other_seeds)
-    for rule in NUMPY_RULES[1:]:
-        runs += numpy_runs(rule, other_seeds)
-    return runs
-
-
-def followup_runs(preset, seeds):
-    """The follow-up's runs as (rule label, variant, seed, flags): 1, 2 and 3 hidden layers of
-    1024 units for each configuration, the deeper and mirroring runs first (the slowest),
-    then PEPITA-TL (time_local) with one hidden layer."""
-    runs = []
-    for label, flags in reversed(FOLLOWUP_CONFIGS):
-        for depth in (3, 2, 1):
-            runs += [(label, f"depth{depth}", seed,
-                      [*FOLLOWUP, "--fc_hidden", *["1024"] * depth, "--dataset",
-                       PRESET_DATASETS[preset], *flags]) for seed in range(seeds)]
-    runs += [("PEPITA-TL", "depth1", seed,
-              [*FOLLOWUP, "--fc_hidden", "1024", "--dataset", PRESET_DATASETS[preset],
-               "--pepita_mode", "time_local"]) for seed in range(seeds)]
-    return runs
-
 
 # ------------------------------------------------------------------------------------------
 # The grid: one run spec (name, script, flags, labels) per trial
@@ -191,10 +113,10 @@ def preset_specs(preset, dataset, seeds, other_seeds, common=()):
     """The run specs of a preset ("paper" or "followup") for a dataset, in order."""
     if preset == "paper":
         return [make_spec(script, [*flags, "--seed", str(seed), *common], rule, seed)
-                for script, rule, seed, flags in paper_runs(dataset, seeds, other_seeds)]
+                for script, rule, seed, flags in paper.paper_runs(dataset, seeds, other_seeds)]
     return [make_spec("main_pytorch.py", [*flags, "--seed", str(seed), *common], rule, seed,
                       variant)
-            for rule, variant, seed, flags in followup_runs(dataset, seeds)]
+            for rule, variant, seed, flags in paper.followup_runs(dataset, seeds)]
 
 
 def preset_of(manifest):
@@ -662,9 +584,9 @@ def known_copy(code, data_dir):
 def build_parser():
     parser = utils.new_parser(__doc__, usage="%(prog)s [options] [-- flags for every run]")
     add = parser.add_argument
-    add("--paper", choices=tuple(PRESET_DATASETS),
+    add("--paper", choices=tuple(paper.PRESETS),
         help="the paper's runs for this dataset (the README's commands)")
-    add("--followup", choices=tuple(PRESET_DATASETS),
+    add("--followup", choices=tuple(paper.PRESETS),
         help="the follow-up paper's runs for this dataset: depth 1-3 x (PEPITA, + weight "
              "decay, + weight decay and mirroring), and PEPITA-TL")
     add("--script", choices=SCRIPTS, default="main.py", help="entry script of a --grid sweep")
