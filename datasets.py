@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+import utils
 from utils import BROKEN_FILE_ERRORS, UsageError, describe
 
 log = logging.getLogger("pepita")
@@ -359,6 +360,28 @@ def fingerprint(arrays):
         digest.update(f"{array.shape} {array.dtype.str};".encode())
         digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()
+
+
+# The sha256 of the .npz files that ../shared/data/*/make_npz.py write, and what a table that
+# ran on them must say.
+KNOWN_COPIES = {
+    "8258534be228bdab841bfbb1d4fe686dea0a6fd61952329e0f040908948043c0":
+        "CIFAR-10 ran on the JPEG copy of `../shared/data/cifar10` (lossy: results are close "
+        "to, not identical with, the original CIFAR-10's).",
+    "10835a0108963ab2de621dad113bdbd29695f57555fcf87cfb24fbce1d58c0d4":
+        "CIFAR-100 ran on the lossless copy of `../shared/data/cifar100` (the official "
+        "60,000 images bit for bit, the official train/test split; shuffled within each set).",
+}
+
+
+def known_copy(code, data_dir):
+    """The sha256 of data_dir's .npz of the dataset when it is one of KNOWN_COPIES, else
+    None."""
+    if code not in DATASETS:
+        return None
+    path = Path(data_dir) / DATASETS[code]["npz"]
+    digest = utils.sha256_of(path) if path.is_file() else None
+    return digest if digest in KNOWN_COPIES else None
 
 
 def data_source(data_dir):

@@ -14,6 +14,7 @@ checkpoints and published text files are written. Its train(args) reads top to b
 Exit status: 0 done, 2 bad input (one line; nothing created, nothing earlier changed),
 3 divergence, 128 + the signal for Ctrl-C (130) and SIGTERM (143), with one line each.
 """
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -46,8 +47,31 @@ SIGNALLED = []  # the signals received, for the message and the exit status
 
 
 def stop(signum, frame):
+    """SIGTERM and Ctrl-C alike: a KeyboardInterrupt (which Ray and Tune pass on; an
+    exception of our own would surface there as a SystemError from inside Ray's C code)."""
     SIGNALLED.append(signum)
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def signals_stop():
+    """Within: SIGINT and SIGTERM raise KeyboardInterrupt (stop); after: the handlers of
+    before, and no signal remembered."""
+    handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT,
+                                                                     signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        SIGNALLED.clear()
+
+
+def signal_name():
+    """The name of the last signal received (SIGINT for a plain KeyboardInterrupt), and its
+    exit status."""
+    signum = SIGNALLED[-1] if SIGNALLED else signal.SIGINT
+    return signal.Signals(signum).name, 128 + signum
 
 
 def exit_quietly_on_signals(prog):
@@ -110,8 +134,11 @@ def run_cli(parser, train, argv=None):
     status 2, divergence with 3, Ctrl-C and SIGTERM with 128 + the signal, each with one
     line (as argparse does for bad flags)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    handlers = {signum: signal.signal(signum, stop)
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    with signals_stop():
+        return _run_cli(parser, train, argv)
+
+
+def _run_cli(parser, train, argv):
     locks_before, runs_before = len(_FOLDER_LOCKS), len(OPEN_RUNS)
     try:
         args = parser.parse_args(argv)
@@ -137,15 +164,11 @@ def run_cli(parser, train, argv=None):
                        "network or --dtype float32 (numpy), under another --exp_name or "
                        "with --overwrite\n")
     except KeyboardInterrupt:
-        signum = SIGNALLED[-1] if SIGNALLED else signal.SIGINT
-        name = signal.Signals(signum).name
-        parser.exit(128 + signum, f"{parser.prog}: interrupted by {name}; {rerun_advice()}\n")
+        name, status = signal_name()
+        parser.exit(status, f"{parser.prog}: interrupted by {name}; {rerun_advice()}\n")
     finally:
         release_folder_locks(locks_before)
         del OPEN_RUNS[runs_before:]
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        SIGNALLED.clear()
     return 0
 
 

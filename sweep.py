@@ -9,44 +9,38 @@ A grid of your own (flags after -- go to every run):
     python sweep.py --script main.py --grid learn_type=ERIN,BP --grid seed=0,1,2 \
         --epochs 20 -- --n_hlayers 1 --eta 0.1 --validation --data_dir ../shared/data/mnist
 
-Each run is one trial running the entry script in its own results folder
+Each run is one trial (trials.py) running the entry script in its own results folder
 (<sweep_dir>/runs/<name>/), so the scripts' checkpoints are the one resume mechanism: the same
-command again skips finished runs and resumes the others from their last epoch. Without
---address, Ray runs embedded on this machine's cores. `python sweep.py --collect DIR` writes
-table.md, curves.csv, test_curves.png and README.md of a sweep folder (report.py; see
-README.md, "Reproducing the paper").
+command again skips finished runs and resumes the others from their last epoch, and a killed
+trial is retried from its last epoch. Without --address, Ray runs embedded on this machine's
+cores. `python sweep.py --collect DIR` writes table.md, curves.csv, test_curves.png and
+README.md of a sweep folder (report.py). This file: the run specs of a preset (paper.py) or
+a grid, their checks, the sweep folder's manifest, which results may go into results/, the
+command line; docs/reproducing.md has the commands and what they measured.
 """
 import contextlib
-import ctypes
 import fcntl
 import fnmatch
+import functools
 import io
 import itertools
-import json
 import logging
-import os
-import platform
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 import datasets
 import paper
 import protocol
 import report
+import trials
 import utils
 from utils import UsageError
 
 log = logging.getLogger("pepita.sweep")
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = ("main.py", "main_pytorch.py")
-POLL_S = 2.0
 # tracked: written only by sweeps with their preset's settings
 PAPER_RESULTS = ROOT / "results" / "paper"
 FOLLOWUP_RESULTS = ROOT / "results" / "followup"
@@ -55,12 +49,26 @@ PRESET_AUTHORS = {"paper": "paper", "followup": "follow-up"}
 # ------------------------------------------------------------------------------------------
 # The grid: one run spec (name, script, flags, labels) per trial
 # ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def entry_parser(script):
     import main
     if script == "main.py":
         return main.build_parser()
     import main_pytorch
     return main_pytorch.build_parser()
+
+
+def settings_of(spec):
+    """The settings the run's script reads from its flags (its own parser's Namespace); a
+    flag it refuses is a UsageError with the parser's line."""
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(errors):
+            return entry_parser(spec["script"]).parse_args(spec["flags"])
+    except SystemExit:
+        lines = errors.getvalue().strip().splitlines() or ["not a flag of the script"]
+        raise UsageError(f"run {spec['name']}: {lines[-1].split('error: ', 1)[-1]}") \
+            from None
 
 
 def grid_flags(script, grid):
@@ -176,272 +184,13 @@ def only_runs(specs, only):
 
 
 # ------------------------------------------------------------------------------------------
-# One trial: the entry script in a child process, its metrics.json polled and reported
-# ------------------------------------------------------------------------------------------
-def run_folder(run_dir):
-    """The entry script's results folder inside a trial's folder, or None."""
-    folders = sorted(p for p in Path(run_dir).glob("res_*") if p.is_dir())
-    return folders[0] if folders else None
-
-
-def read_metrics(run_dir):
-    """The metrics.json of a trial's results folder, or None (not written yet)."""
-    folder = run_folder(run_dir)
-    return protocol.read_metrics(folder) if folder else None
-
-
-def read_record(run_dir):
-    """A trial's trial.json (command, machine, exit status, error line), or {}."""
-    path = Path(run_dir) / "trial.json"
-    if not path.is_file():
-        return {}
-    advice = "delete it: the sweep writes it again when it reruns the trial"
-    record = read_json(path, advice)
-    if not isinstance(record, dict):
-        raise UsageError(f"{path} is damaged (not a trial record); {advice}")
-    return record
-
-
-def read_json(path, advice):
-    try:
-        return json.loads(Path(path).read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path} is damaged ({utils.describe(err)}); {advice}") from None
-
-
-def progress(metrics):
-    """(epochs done, latest test accuracy in %) of the run's current curve."""
-    if not metrics or not metrics.get("test"):
-        return 0, None
-    curve = metrics["test"][-1] or (metrics["test"][-2] if len(metrics["test"]) > 1 else [])
-    scale = 1 if metrics.get("accuracy_unit") == "percent" else 100
-    return len(curve), (curve[-1] * scale if curve else None)
-
-
-def machine(cpus, gpus):
-    if gpus:
-        import torch
-        return f"{torch.cuda.get_device_name()} (GPU), host {platform.node()}"
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"{model}, {cpus} core{'s' if cpus > 1 else ''}, host {platform.node()}"
-
-
-def die_with_parent():
-    """In the child: get SIGKILL when the trial's thread dies, so that a killed sweep
-    leaves no training process behind (Linux; elsewhere nothing happens)."""
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def start_command(spec, run_dir):
-    """The command of a trial: a fresh start, or --resume after an interruption (the
-    entry script continues from its last epoch, or starts again if it saved none)."""
-    command = [sys.executable, str(ROOT / spec["script"]), *spec["flags"],
-               "--results_dir", str(run_dir)]
-    if run_folder(run_dir) is None:
-        return command, "start"
-    return command + ["--resume"], "resume"
-
-
-def trial(config):
-    """Ray Tune trainable: run one spec to its end, reporting each epoch."""
-    from ray import tune
-    spec, cpus, gpus = config["spec"], config["cpus"], config["gpus"]
-    run_dir = Path(config["sweep_dir"]) / "runs" / spec["name"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = read_metrics(run_dir)
-    if metrics and metrics.get("status") == "finished":
-        epochs, acc = progress(metrics)
-        tune.report({"epoch": epochs, "test_acc": acc, "state": "done earlier"})
-        return
-    command, how = start_command(spec, run_dir)
-    earlier = read_record(run_dir)
-    threads = str(cpus)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
-           "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
-    record = {"name": spec["name"], "command": command, "how": how, "cpus": cpus,
-              "gpus": gpus, "machine": machine(cpus, gpus), "started": time.time(),
-              # how the earlier tries of this run ended (a retry, or the sweep run again)
-              "earlier_ends": [*earlier.get("earlier_ends", []),
-                               *([earlier["message"]] if earlier.get("message") else [])]}
-    log_path = run_dir / "log.txt"
-    offset = log_path.stat().st_size if log_path.exists() else 0
-    with open(log_path, "ab") as log_file:
-        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file,
-                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-        reported = 0
-        while child.poll() is None:
-            time.sleep(POLL_S)
-            epochs, acc = progress(read_metrics(run_dir))
-            if epochs > reported:
-                reported = epochs
-                tune.report({"epoch": epochs, "test_acc": acc, "state": how})
-    record.update(returncode=child.returncode, wall_s=time.time() - record["started"])
-    if child.returncode < 0:  # the log's last line is only its progress then
-        record["message"] = (f"ended by {signal.Signals(-child.returncode).name} (not by an "
-                             "error of its own)")
-    elif child.returncode != 0:
-        with open(log_path, "rb") as f:
-            f.seek(offset)
-            lines = [line for line in f.read().decode(errors="replace").splitlines()
-                     if line.strip()]
-        record["message"] = lines[-1] if lines else f"exit status {child.returncode}"
-    utils.write_json(run_dir / "trial.json", record)
-    epochs, acc = progress(read_metrics(run_dir))
-    if child.returncode < 0:  # killed from outside: raised, so that Tune retries the trial
-        raise TrialKilled(record["message"])
-    if child.returncode != 0:  # its own error: reported once, not retried
-        tune.report({"epoch": epochs, "test_acc": acc, "state": "failed",
-                     "message": record["message"]})
-    elif epochs > reported:
-        tune.report({"epoch": epochs, "test_acc": acc, "state": how})
-
-
-class TrialKilled(RuntimeError):
-    """The run's process was killed (not its own error): Tune retries the trial, whose run
-    resumes from its last epoch (--max_failures)."""
-
-
-def progress_callback():
-    from ray import tune
-
-    class Progress(tune.Callback):
-        """One log line per trial event: which trials run, their epoch and accuracy."""
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            log.info("start  %s", trial.config["spec"]["name"])
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if result.get("state") == "failed":
-                log.error("failed %s: %s", trial.config["spec"]["name"], result["message"])
-                return
-            acc = result.get("test_acc")
-            running = sum(t.status == "RUNNING" for t in trials)
-            log.info("%-40s epoch %3d  test %s  (%s; %d running, %d of %d ended)",
-                     trial.config["spec"]["name"], result.get("epoch", 0),
-                     "-" if acc is None else f"{acc:.2f}%", result.get("state"), running,
-                     sum(t.is_finished() for t in trials), len(trials))
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            log.warning("retry  %s from its last epoch (%s)", trial.config["spec"]["name"],
-                        ended_how(trial))
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            log.error("failed %s (%s; rerun the sweep to resume it)",
-                      trial.config["spec"]["name"], ended_how(trial))
-
-    return Progress()
-
-
-def ended_how(trial):
-    """Why a trial ended: its run's record, or its worker lost."""
-    record = read_record(Path(trial.config["sweep_dir"]) / "runs" / trial.config["spec"]["name"])
-    return record.get("message") or "its worker ended"
-
-
-def check_address(address):
-    """A HOST:PORT that no Ray cluster answers: one line within seconds (ray.init would
-    retry for minutes)."""
-    if address in (None, "auto"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--address {address}: no Ray cluster answers there "
-                         f"({getattr(err, 'strerror', None) or utils.describe(err)}); start one "
-                         "with 'ray start --head', or leave out --address to run on this "
-                         "machine") from None
-
-
-def check_resources(ray, args):
-    """Trials that no node of the cluster can hold would wait forever: refuse them."""
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    for flag, name, wanted in (("--cpus_per_trial", "CPU", args.cpus_per_trial),
-                               ("--gpus_per_trial", "GPU", args.gpus_per_trial)):
-        largest = max((node.get(name, 0) for node in nodes), default=0)
-        if wanted > largest:
-            raise UsageError(f"{flag} {wanted:g}: no machine of the Ray cluster has that many "
-                             f"{name}s (at most {largest:g}); ask for at most {largest:g}")
-
-
-def start_ray(ray, args):
-    check_address(args.address)
-    if not args.address and args.cpus_per_trial > os.cpu_count():
-        raise UsageError(f"--cpus_per_trial {args.cpus_per_trial}: this machine has "
-                         f"{os.cpu_count()} cores; ask for at most {os.cpu_count()}")
-    local = {} if args.address else {"num_cpus": os.cpu_count(), "include_dashboard": False}
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's banners and tables: none
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C is ours (main)
-    logging.getLogger("ray").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
-    try:
-        ray.init(address=args.address, log_to_driver=False,
-                 logging_level=logging.INFO if args.verbose else logging.ERROR,
-                 configure_logging=False, **local)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise UsageError(f"--address {args.address}: cannot connect to a Ray cluster "
-                         f"({utils.describe(err)}); start one with 'ray start --head', or "
-                         "leave out --address to run on this machine") from None
-
-
-def run_sweep(specs, sweep_dir, args):
-    import ray
-    from ray import tune
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        start_ray(ray, args)
-        for signum in (signal.SIGINT, signal.SIGTERM):  # ray.init installs its own
-            signal.signal(signum, interrupt)
-    try:
-        check_resources(ray, args)
-        space = {"spec": tune.grid_search(specs), "sweep_dir": str(sweep_dir.resolve()),
-                 "cpus": args.cpus_per_trial, "gpus": args.gpus_per_trial}
-        resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
-        tuner = tune.Tuner(
-            tune.with_resources(trial, resources), param_space=space,
-            tune_config=tune.TuneConfig(
-                trial_name_creator=lambda t: t.config["spec"]["name"],
-                trial_dirname_creator=lambda t: t.config["spec"]["name"]),
-            run_config=tune.RunConfig(
-                name=time.strftime("tune_%Y%m%d_%H%M%S"), verbose=0,
-                storage_path=str((sweep_dir / "ray").resolve()),
-                failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                callbacks=[progress_callback()]))
-        tuner.fit()
-    finally:
-        if started_ray:
-            ray.shutdown()
-
-
-def summarize(specs, sweep_dir):
-    """One line per run: state, epochs, final test accuracy, wall time, the error line."""
-    failed = 0
-    for spec in specs:
-        run_dir = sweep_dir / "runs" / spec["name"]
-        metrics = read_metrics(run_dir)
-        epochs, acc = progress(metrics)
-        record = read_record(run_dir)
-        finished = bool(metrics) and metrics.get("status") == "finished"
-        failed += not finished
-        log.info("%-40s %-8s %3d epochs  test %s  %s", spec["name"],
-                 "finished" if finished else "FAILED", epochs,
-                 "-" if acc is None else f"{acc:.2f}%",
-                 "" if finished else record.get("message", "did not run to its end"))
-    return failed
-
-
-# ------------------------------------------------------------------------------------------
 # Collection: the finished runs of a sweep folder, handed to report.py
 # ------------------------------------------------------------------------------------------
 def run_results(run_dir):
     """Per run of a finished trial: (test curve %, train curve %, final test %, epoch
     times, final angle). Only numpy has a train curve; metrics.json of before the common
     schema held numpy's accuracies as fractions."""
-    metrics = read_metrics(run_dir)
+    metrics = trials.read_metrics(run_dir)
     if not metrics or metrics.get("status") != "finished":
         return []
     scale = 1 if metrics.get("accuracy_unit") == "percent" else 100
@@ -464,8 +213,12 @@ def flag_value(flags, names, default):
 
 
 def code_of(spec):
-    default = "mn" if spec["script"] == "main.py" else "cif"
-    return flag_value(spec["flags"], ("--dataset", "-ds"), default)
+    """The run's dataset code, as its script resolves it."""
+    settings = settings_of(spec)
+    if spec["script"] == "main.py":
+        import main
+        return main.dataset_code(settings)
+    return settings.dataset
 
 
 def group_runs(manifest, sweep_dir):
@@ -473,7 +226,7 @@ def group_runs(manifest, sweep_dir):
     for spec in manifest["runs"]:
         key = (spec["path"], spec["rule"], spec["variant"])
         run_dir = sweep_dir / "runs" / spec["name"]
-        record = read_record(run_dir)
+        record = trials.read_record(run_dir)
         for test, train, final, times, angle in run_results(run_dir):
             groups.setdefault(key, []).append({
                 "seed": spec["seed"], "test": test, "train": train, "final": final,
@@ -493,7 +246,7 @@ def read_manifest(sweep_dir):
         raise UsageError(f"{sweep_dir} holds no sweep.json: give a folder written by "
                          "sweep.py (its --sweep_dir)")
     advice = "it lists the sweep's runs: restore it, or start the sweep in a new --sweep_dir"
-    manifest = read_json(path, advice)
+    manifest = trials.read_json(path, advice)
     runs = manifest.get("runs") if isinstance(manifest, dict) else None
     problem = None
     if not isinstance(runs, list) or not isinstance(manifest.get("commands"), list):
@@ -543,39 +296,17 @@ def collection_root(out, preset, differences, sweep_dir):
 
 def collection_notes(manifest, differences):
     """Lines that a table must carry: how its settings differ from its preset's, and which
-    copy of a dataset it ran on (KNOWN_COPIES)."""
+    copy of a dataset it ran on (datasets.KNOWN_COPIES)."""
     notes = []
     preset = preset_of(manifest)
     if preset and differences:
         notes.append(f"**Not the {PRESET_AUTHORS[preset[0]]} preset's settings**: "
                      + "; ".join(differences) + ".")
-    files = {(code_of(spec), flag_value(spec["flags"], ("--data_dir",), None))
-             for spec in manifest["runs"]}
-    copies = {known_copy(code, data_dir) for code, data_dir in files if data_dir}
-    notes += [KNOWN_COPIES[digest] for digest in KNOWN_COPIES if digest in copies]
+    files = {(code_of(spec), settings_of(spec).data_dir) for spec in manifest["runs"]}
+    copies = {datasets.known_copy(code, data_dir) for code, data_dir in files if data_dir}
+    notes += [datasets.KNOWN_COPIES[digest] for digest in datasets.KNOWN_COPIES
+              if digest in copies]
     return notes
-
-
-# The sha256 of the .npz files that ../shared/data/*/make_npz.py write, and what a table that
-# ran on them must say.
-KNOWN_COPIES = {
-    "8258534be228bdab841bfbb1d4fe686dea0a6fd61952329e0f040908948043c0":
-        "CIFAR-10 ran on the JPEG copy of `../shared/data/cifar10` (lossy: results are close "
-        "to, not identical with, the original CIFAR-10's).",
-    "10835a0108963ab2de621dad113bdbd29695f57555fcf87cfb24fbce1d58c0d4":
-        "CIFAR-100 ran on the lossless copy of `../shared/data/cifar100` (the official "
-        "60,000 images bit for bit, the official train/test split; shuffled within each set).",
-}
-
-
-def known_copy(code, data_dir):
-    """The sha256 of data_dir's .npz of the dataset when it is one of KNOWN_COPIES, else
-    None."""
-    if code not in datasets.DATASETS:
-        return None
-    path = Path(data_dir) / datasets.DATASETS[code]["npz"]
-    digest = utils.sha256_of(path) if path.is_file() else None
-    return digest if digest in KNOWN_COPIES else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -629,16 +360,6 @@ def build_parser():
     return parser
 
 
-SIGNALLED = []  # the signals received, for the exit status and the message
-
-
-def interrupt(signum, frame):
-    """SIGTERM and Ctrl-C alike: a KeyboardInterrupt, which Ray and Tune pass on (an
-    exception of our own would surface as a SystemError from inside Ray's C code)."""
-    SIGNALLED.append(signum)
-    raise KeyboardInterrupt
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     own, common = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
@@ -650,8 +371,11 @@ def main(argv=None):
         parser.error(f"{bad.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8; give "
                      "names and paths in UTF-8")
     protocol.setup_logging(args.verbose)
-    handlers = {signum: signal.signal(signum, interrupt)
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    with protocol.signals_stop():
+        return run_main(parser, args, common, own)
+
+
+def run_main(parser, args, common, own):
     try:
         return sweep(args, common, own)
     except UsageError as err:
@@ -661,14 +385,10 @@ def main(argv=None):
         parser.exit(2, f"{parser.prog}: error: cannot write or read{where} "
                        f"({err.strerror or utils.describe(err)}); choose another folder\n")
     except KeyboardInterrupt:
-        signum = SIGNALLED[-1] if SIGNALLED else signal.SIGINT
-        name = signal.Signals(signum).name
-        parser.exit(128 + signum, f"{parser.prog}: stopped by {name}, its trials ended; "
-                                       "rerun the same command to resume (finished runs are "
-                                       "kept, the others continue from their last epoch)\n")
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+        name, status = protocol.signal_name()
+        parser.exit(status, f"{parser.prog}: stopped by {name}, its trials ended; rerun the "
+                            "same command to resume (finished runs are kept, the others "
+                            "continue from their last epoch)\n")
 
 
 def sweep(args, common, own):
@@ -707,14 +427,14 @@ def sweep(args, common, own):
             print(f"{spec['name']}: python {spec['script']} {' '.join(spec['flags'])}")
         print(f"{len(specs)} runs, each in {sweep_dir}/runs/<run>/; the table, curves and "
               f"figure collected into {out_root}/<dataset>/")
-        print(time_estimate(specs, sweep_dir, args))
+        print(trials.time_estimate(specs, sweep_dir, args, code_of, settings_of))
         return 0
     for spec in specs:
-        read_record(sweep_dir / "runs" / spec["name"])  # a damaged record: now, not after
+        trials.read_record(sweep_dir / "runs" / spec["name"])  # a damaged record: now, not after
     write_manifest(sweep_dir, specs, args, own, common)
     tic = time.time()
-    run_sweep(specs, sweep_dir, args)
-    failed = summarize(specs, sweep_dir)
+    trials.run_sweep(specs, sweep_dir, args)
+    failed = trials.summarize(specs, sweep_dir)
     log.info("sweep took %.1f min; %d of %d runs finished", (time.time() - tic) / 60,
              len(specs) - failed, len(specs))
     if failed < len(specs):
@@ -760,17 +480,9 @@ def check_flags(specs, common):
             raise UsageError(f"{name} after --: {OWN_FLAGS[name]}")
         if name in ("-h", "--help"):
             raise UsageError(f"{name} after --: see python {specs[0]['script']} --help")
-    parsers = {}
     for spec in specs:
-        parser = parsers.setdefault(spec["script"], entry_parser(spec["script"]))
-        errors = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(errors):
-                parser.parse_args(spec["flags"])
-        except SystemExit:
-            lines = errors.getvalue().strip().splitlines() or ["not a flag of the script"]
-            raise UsageError(f"run {spec['name']}: {lines[-1].split('error: ', 1)[-1]}") \
-                from None
+        settings_of(spec)
+        parser = entry_parser(spec["script"])
         dests = {}
         for flag in spec["flags"]:
             action = parser._option_string_actions.get(flag)
@@ -779,68 +491,6 @@ def check_flags(specs, common):
                                  "after -- or by --epochs / --data_dir); give it once")
             if action:
                 dests[action.dest] = flag
-
-
-# Seconds per epoch measured here, one core per run, two runs at a time (on CIFAR-10 up to
-# four runs shared the two cores: the times there are high), the medians of the tables in
-# results/paper and results/followup (keyed by depth there): the estimate of a dry run for
-# runs that have not started.
-MEASURED_EPOCH_S = {
-    ("numpy", "ERIN", "mn"): 14.6, ("numpy", "BP", "mn"): 13.7, ("numpy", "FA", "mn"): 12.7,
-    ("numpy", "DRTP", "mn"): 10.6, ("numpy", "ERINsign", "mn"): 12.8,
-    ("numpy", "DFA", "mn"): 11.3, ("Net1conv1fcXL", "ERIN", "mn"): 11.4,
-    ("Net1conv1fcXL", "BP", "mn"): 16.8,
-    ("NetFC1x1024DOcust_cif", "ERIN", "cif"): 15.2, ("Net1conv1fcXL_cif", "ERIN", "cif"): 21.6,
-    ("numpy", "ERIN", "cif"): 33.1, ("Net1conv1fcXL_cif", "BP", "cif"): 48.3,
-    ("numpy", "BP", "cif"): 35.0, ("numpy", "FA", "cif"): 21.5, ("numpy", "DRTP", "cif"): 16.5,
-    ("NetFC", "PEPITA", "cif", "depth1"): 15.9, ("NetFC", "PEPITA", "cif", "depth2"): 21.6,
-    ("NetFC", "PEPITA", "cif", "depth3"): 55.2, ("NetFC", "PEPITA+WD", "cif", "depth1"): 22.2,
-    ("NetFC", "PEPITA+WD", "cif", "depth2"): 24.0, ("NetFC", "PEPITA+WD", "cif", "depth3"): 30.3,
-    ("NetFC", "PEPITA+WD+WM", "cif", "depth1"): 28.0,
-    ("NetFC", "PEPITA+WD+WM", "cif", "depth2"): 100.4,
-    ("NetFC", "PEPITA+WD+WM", "cif", "depth3"): 67.4,
-    ("NetFC", "PEPITA-TL", "cif", "depth1"): 57.8,  # the 5-epoch probes of claims.md
-}
-
-
-def measured_epoch_s(spec):
-    """MEASURED_EPOCH_S of a run: its variant's entry (the follow-up's depths), else its
-    rule's on the dataset (a grid run of the same rule and net); None when not measured."""
-    key = (spec["path"], spec["rule"], code_of(spec))
-    return MEASURED_EPOCH_S.get((*key, spec["variant"]), MEASURED_EPOCH_S.get(key))
-
-
-def time_estimate(specs, sweep_dir, args):
-    """The line a dry run ends with: the wall time left, from the epochs still to train and
-    the time per epoch (the run's own when it has started, else MEASURED_EPOCH_S)."""
-    left, unknown = [], []
-    for spec in specs:
-        epochs = int(flag_value(spec["flags"], ("--train_epochs", "-trep"),
-                                3 if spec["script"] == "main.py" else 100))
-        metrics = read_metrics(sweep_dir / "runs" / spec["name"])
-        done, _ = progress(metrics)
-        times = [t for run in (metrics or {}).get("epoch_time_s", []) for t in run]
-        per_epoch = float(np.median(times)) if times else measured_epoch_s(spec)
-        if per_epoch is None:
-            unknown.append(spec["name"])
-        elif (metrics or {}).get("status") != "finished":
-            left.append(per_epoch * max(epochs - done, 0))
-    if len(unknown) == len(specs):
-        return "estimated time: unknown (no run of this sweep has a measured time per epoch)"
-    slots = max(1, (os.cpu_count() or 1) // args.cpus_per_trial) if not args.address else 1
-    parallel = min(slots, max(1, len(left)))
-    wall = max(sum(left) / parallel, max(left, default=0.0))  # no faster than its longest run
-    cores = f"{args.cpus_per_trial} core{'s' if args.cpus_per_trial > 1 else ''} each"
-    text = (f"estimated time: {format_duration(wall)} with {parallel} "
-            f"trial{'s' if parallel > 1 else ''} at once ({cores}, measured times per epoch)")
-    if unknown:
-        text += f"; {len(unknown)} run(s) have no measured time per epoch and are not counted"
-    return text
-
-
-def format_duration(seconds):
-    return f"about {seconds / 3600:.1f} h" if seconds >= 3600 else \
-        f"about {seconds / 60:.0f} min"
 
 
 def differences_from_preset(manifest):
@@ -853,41 +503,29 @@ def differences_from_preset(manifest):
         return []
     seeds = 1 + max(spec["seed"] for spec in manifest["runs"])
     expected = {spec["name"]: spec["flags"] for spec in preset_specs(*preset, seeds, seeds)}
-    found, parsers = set(), {}
+    found = set()
     for spec in manifest["runs"]:
         if spec["name"] not in expected:
             found.add(f"{spec['name']} is not a run of the preset")
             continue
-        parser = parsers.setdefault(spec["script"], entry_parser(spec["script"]))
-        ours, theirs = (read_settings(parser, spec["script"], flags)
+        ours, theirs = (compared_settings({**spec, "flags": flags})
                         for flags in (spec["flags"], expected[spec["name"]]))
         found.update(f"--{key} {ours.get(key)} (the preset's: {theirs.get(key)})"
                      for key in {**ours, **theirs} if ours.get(key) != theirs.get(key))
     return sorted(found)
 
 
-def read_settings(parser, script, flags):
-    """The settings a script reads from flags, --data_dir and --device aside; with --mirror,
-    main_pytorch.py's mirroring settings as it fills them in."""
-    settings = vars(parser.parse_args(without_flags(flags, ("--data_dir", "--device"))))
-    if script == "main_pytorch.py" and settings["mirror"]:
+def compared_settings(spec):
+    """The run's settings but --data_dir and --device (where the data is and what computes
+    do not change the results); with --mirror, main_pytorch.py's mirroring settings as it
+    fills them in."""
+    settings = {key: value for key, value in vars(settings_of(spec)).items()
+                if key not in ("data_dir", "device")}
+    if spec["script"] == "main_pytorch.py" and settings["mirror"]:
         import main_pytorch
         settings = {**{name: value for name, value, _ in main_pytorch.MIRROR_SETTINGS},
                     **settings}
     return settings
-
-
-def without_flags(flags, names):
-    """flags without the given flags and their values."""
-    kept, skip = [], False
-    for flag in flags:
-        if skip:
-            skip = False
-        elif flag in names:
-            skip = True
-        else:
-            kept.append(flag)
-    return kept
 
 
 def refuse_tracked_results(out_root, preset, differences):

@@ -14,6 +14,7 @@ from conftest import ROOT, synthetic_images, write_idx
 import datasets
 import report
 import sweep
+import trials
 import utils
 
 ray = pytest.importorskip("ray")
@@ -420,7 +421,7 @@ def test_a_table_says_which_known_copy_of_a_dataset_it_ran_on(tmp_path, monkeypa
         np.savez(tmp_path / name / "cifar100.npz", x_train=x, y_train=y, x_test=x,
                  y_test=y + (name == "other"))
     digest = utils.sha256_of(tmp_path / "known" / "cifar100.npz")
-    monkeypatch.setattr(sweep, "KNOWN_COPIES", {digest: "ran on the known copy"})
+    monkeypatch.setattr(datasets, "KNOWN_COPIES", {digest: "ran on the known copy"})
 
     def notes(folder):
         spec = sweep.make_spec("main.py", ["--dataset", "cif100", "--data_dir",
@@ -474,8 +475,8 @@ def test_a_dry_run_estimates_the_followup_depths_and_says_when_it_cannot(tmp_pat
                        "--only", "NetFC_PEPITA_depth1_seed0,NetFC_PEPITA-WD-WM_depth1_seed0",
                        "--cpus_per_trial", "2"]) == 0
     parallel = max(1, os.cpu_count() // 2)
-    runs = [100 * sweep.MEASURED_EPOCH_S[("NetFC", "PEPITA", "cif", "depth1")],
-            100 * sweep.MEASURED_EPOCH_S[("NetFC", "PEPITA+WD+WM", "cif", "depth1")]]
+    runs = [100 * trials.MEASURED_EPOCH_S[("NetFC", "PEPITA", "cif", "depth1")],
+            100 * trials.MEASURED_EPOCH_S[("NetFC", "PEPITA+WD+WM", "cif", "depth1")]]
     parallel = min(parallel, 2)
     wall = max(sum(runs) / parallel, max(runs))
     duration = f"{wall / 3600:.1f} h" if wall >= 3600 else f"{wall / 60:.0f} min"
