@@ -342,10 +342,19 @@ class Optimizer:
                 v *= self.velocity_scale
             self.velocity_scale = 1.0
 
-    def saved_buffers(self):
-        """The buffers, with the momentum velocity at its true scale (for checkpoints)."""
+    def state_dict(self):
+        """What an exact resume needs: the buffers (the momentum velocity at its true scale)
+        as {"opt<k>_<layer>": array}, the checkpoint's names, and the step count."""
         self.settle()
-        return self.buffers
+        return {"buffers": {f"opt{k}_{layer}": b for k, buffers in enumerate(self.buffers)
+                            for layer, b in enumerate(buffers)},
+                "steps": self.step_count}
+
+    def load_state_dict(self, state):
+        """The state of state_dict, copied into this optimiser's buffers."""
+        for name, b in self.state_dict()["buffers"].items():
+            b[...] = state["buffers"][name]
+        self.step_count = state["steps"]
 
     def step(self, weights, factors, eta, scale):
         """Change weights in place with g_l = scale * D_l^T X_l (scale = 1 / B_eff)."""

@@ -15,7 +15,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
@@ -265,13 +264,12 @@ def load_checkpoint(path):
 def payload(model, optimizer, carry, rngs):
     """Everything an exact resume in the middle of a run needs, after an epoch."""
     arrays = model_arrays(model)
-    arrays.update({f"opt{k}_{layer}": b
-                   for k, buffers in enumerate(optimizer.saved_buffers())
-                   for layer, b in enumerate(buffers)})
+    optimizer_state = optimizer.state_dict()
+    arrays.update(optimizer_state["buffers"])
     if carry.factors is not None:
         arrays.update({f"carry{k}_{layer}": f for layer, pair in enumerate(carry.factors)
                        for k, f in enumerate(pair)})
-    return {"arrays": arrays, "opt_steps": optimizer.step_count,
+    return {"arrays": arrays, "opt_steps": optimizer_state["steps"],
             "rngs": {name: protocol.rng_state(rng) for name, rng in rngs.items()}}
 
 
@@ -281,10 +279,7 @@ def restore(path, saved, model, optimizer, carry, rngs):
         arrays = saved["arrays"]
         for name, array in model_arrays(model).items():
             array[...] = arrays[name]
-        for k, buffers in enumerate(optimizer.buffers):
-            for layer, b in enumerate(buffers):
-                b[...] = arrays[f"opt{k}_{layer}"]
-        optimizer.step_count = saved["opt_steps"]
+        optimizer.load_state_dict({"buffers": arrays, "steps": saved["opt_steps"]})
         carry.factors = ([(arrays[f"carry0_{layer}"], arrays[f"carry1_{layer}"])
                           for layer in range(len(model.weights))]
                          if "carry0_0" in arrays else None)
@@ -344,7 +339,7 @@ def metrics(history, runs_finished):
             "epoch_time_s": history["epoch_time_s"]}
 
 
-ENGINE = SimpleNamespace(script="main.py", checkpoint="checkpoint.npz",
+ENGINE = protocol.Engine(script="main.py", checkpoint="checkpoint.npz",
                          save_checkpoint=save_checkpoint, load_checkpoint=load_checkpoint,
                          write_files=write_files, metrics=metrics)
 

@@ -24,7 +24,6 @@ import logging  # noqa: E402
 import pickle  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -375,7 +374,7 @@ def metrics(history, runs_finished):
             "alignment": history["alignment"], "epoch_time_s": history["epoch_time_s"]}
 
 
-ENGINE = SimpleNamespace(script="main_pytorch.py", checkpoint="checkpoint.pt",
+ENGINE = protocol.Engine(script="main_pytorch.py", checkpoint="checkpoint.pt",
                          save_checkpoint=save_checkpoint, load_checkpoint=load_checkpoint,
                          write_files=write_files, metrics=metrics)
 

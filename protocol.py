@@ -27,7 +27,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -364,15 +366,26 @@ def checkpoint_error(path, err):
 OPEN_RUNS = []  # the run that trains now: run_cli's advice depends on its checkpoint
 
 
-class Run:
-    """One results folder. engine (the entry script) supplies:
-    script: its file name; checkpoint: its checkpoint's file name;
+@dataclass(frozen=True)
+class Engine:
+    """What an entry script gives the run protocol: its file name, its checkpoint's file
+    name, and four functions:
     save_checkpoint(path, contents) and load_checkpoint(path) -> contents, a dict with
     "run", "epoch", "settings", "history" (and "data", "payload" where saved);
     write_files(folder, args, history, status, elapsed_s): the published text files and
     plots; metrics(history, runs_finished): its curves for metrics.json, accuracies in
     percent, with "final_test" (and "final_train", "final_val" where it has them) per
-    finished run."""
+    finished run (METRICS_KEYS: the keys it may give)."""
+    script: str
+    checkpoint: str
+    save_checkpoint: Callable[[Path, dict], None]
+    load_checkpoint: Callable[[Path], dict]
+    write_files: Callable[..., None]
+    metrics: Callable[[dict, int], dict]
+
+
+class Run:
+    """One results folder, trained by an Engine."""
 
     def __init__(self, args, folder, engine):
         self.args, self.folder, self.engine = args, Path(folder), engine
