@@ -85,8 +85,6 @@ def _load_idx_set(folders, names):
     return x_train, y_train, x_test, y_test, paths[0].parent
 
 
-# What a truncated or garbage .npz/zip file raises on the way through np.load.
-
 def _load_npz(path):
     try:
         with np.load(path, allow_pickle=False) as f:

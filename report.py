@@ -5,7 +5,9 @@ sweep.py reads the runs and calls these (`python sweep.py --collect DIR`, `pytho
 --combine`); everything here works on what the runs measured, and on the paper's values.
 """
 import itertools
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +71,7 @@ def merge_into(out, new_rows, new_lines, notes, commands):
             not in replaced]
     utils.write_text(out / "curves.csv", "\n".join([CURVES_HEADER, *kept, *new_lines]) + "\n")
     curves = {}
-    for (rule, path, variant), by_seed in utils.read_curves_csv(out / "curves.csv").items():
+    for (rule, path, variant), by_seed in read_curves_csv(out / "curves.csv").items():
         length = min(map(len, by_seed.values()))
         if length:
             curves[utils.run_label(rule, path, variant)] = [c[:length] for c in by_seed.values()]
@@ -170,6 +172,76 @@ def curve_lines(groups):
                 lines.append(f"{rule},{path_label_},{variant},{run['seed']},{epoch},{train},"
                              f"{test:.4f}")
     return lines
+
+
+def find_test_curves(sources):
+    """({panel: {label: test curves (runs x epochs, fractions)}}, notes): one panel per
+    folder (the runs of one results folder share a panel), a results folder (metrics.json),
+    a sweep folder (its runs/*/res_*/, the seeds of
+    a run averaged under one label) or a collected folder (curves.csv, one label per rule,
+    path and variant); notes: the runs skipped, which have no per-epoch test curve."""
+    panels, notes = {}, []
+    for source in map(Path, sources):
+        single = (source / "metrics.json").is_file()  # a run: one panel for its folder's runs
+        found = panels.setdefault(source.parent.name if single else
+                                  f"{source.parent.name}/{source.name}", {})
+        if not source.is_dir():
+            raise FileNotFoundError(f"{source} does not exist: give a results, sweep or "
+                                    "collected folder")
+        if (source / "curves.csv").is_file():
+            for (rule, path, variant), by_seed in read_curves_csv(source / "curves.csv").items():
+                length = min(map(len, by_seed.values()))
+                found[utils.run_label(rule, path, variant)] = np.array(
+                    [curve[:length] for curve in by_seed.values()]) / 100
+            continue
+        folders = ([source] if single else
+                   sorted(run for run in (source / "runs").glob("*/res_*")
+                          if (run / "metrics.json").is_file()))
+        if not folders and not (source / "runs").is_dir():
+            raise FileNotFoundError(f"{source} holds no metrics.json, curves.csv or runs/: "
+                                    "give a results, sweep or collected folder")
+        runs = {}
+        for folder in folders:
+            curves = load_test_curves(folder)
+            if curves is None:
+                notes.append(f"skipped {folder}: no per-epoch test accuracy (main.py without "
+                             "--validation)")
+                continue
+            label = (source.name if folder == source else
+                     re.sub(r"_seed[^_]*$", "", folder.parent.name))
+            runs.setdefault(label, []).extend(curves)
+        for label, curves in runs.items():
+            length = min(map(len, curves))
+            found[label] = np.array([curve[:length] for curve in curves])
+    return {panel: found for panel, found in panels.items() if found}, notes
+
+
+def read_curves_csv(path):
+    """A curves.csv collected by sweep.py as {(rule, path, variant): {seed: test curve
+    (%)}}."""
+    curves = {}
+    for line in Path(path).read_text().splitlines()[1:]:
+        rule, path_label, variant, seed, _, _, test = line.split(",")
+        curves.setdefault((rule, path_label, variant), {}).setdefault(seed, []).append(
+            float(test))
+    return curves
+
+
+def load_test_curves(folder):
+    """Test-accuracy curves (runs x epochs, fractions) of a results folder written by
+    main.py or main_pytorch.py, from its metrics.json; None for a main.py run without
+    --validation (no per-epoch test accuracy)."""
+    path = Path(folder) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no metrics.json: give a results folder "
+                                "written by main.py or main_pytorch.py")
+    metrics = json.loads(path.read_text())
+    runs = [run for run in metrics["test"] if run]
+    if not runs:
+        return None
+    length = min(map(len, runs))
+    curves = np.array([run[:length] for run in runs], float)
+    return curves / 100 if metrics.get("accuracy_unit") == "percent" else curves
 
 
 def row_key(row):
@@ -308,7 +380,7 @@ def final_accuracies(folder):
         code = codes.get(csv_path.relative_to(folder).parts[0])
         if code is None:
             continue
-        for (rule, path, variant), by_seed in utils.read_curves_csv(csv_path).items():
+        for (rule, path, variant), by_seed in read_curves_csv(csv_path).items():
             finals.setdefault((code, rule, path, variant), {}).update(
                 (seed, curve[-1]) for seed, curve in by_seed.items())
     return finals

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 import zipfile
 import zlib
@@ -327,73 +326,3 @@ def compute_slowness(test_curve, fit_epochs=None, in100=False, n_classes=10, ax=
 def run_label(rule, *parts):
     """A curve's label: the rule by the paper's name (PEPITA for ERIN), then path, variant."""
     return " ".join(filter(None, ["PEPITA" if rule == "ERIN" else rule, *parts]))
-
-
-def find_test_curves(sources):
-    """({panel: {label: test curves (runs x epochs, fractions)}}, notes): one panel per
-    folder (the runs of one results folder share a panel), a results folder (metrics.json),
-    a sweep folder (its runs/*/res_*/, the seeds of
-    a run averaged under one label) or a collected folder (curves.csv, one label per rule,
-    path and variant); notes: the runs skipped, which have no per-epoch test curve."""
-    panels, notes = {}, []
-    for source in map(Path, sources):
-        single = (source / "metrics.json").is_file()  # a run: one panel for its folder's runs
-        found = panels.setdefault(source.parent.name if single else
-                                  f"{source.parent.name}/{source.name}", {})
-        if not source.is_dir():
-            raise FileNotFoundError(f"{source} does not exist: give a results, sweep or "
-                                    "collected folder")
-        if (source / "curves.csv").is_file():
-            for (rule, path, variant), by_seed in read_curves_csv(source / "curves.csv").items():
-                length = min(map(len, by_seed.values()))
-                found[run_label(rule, path, variant)] = np.array(
-                    [curve[:length] for curve in by_seed.values()]) / 100
-            continue
-        folders = ([source] if single else
-                   sorted(run for run in (source / "runs").glob("*/res_*")
-                          if (run / "metrics.json").is_file()))
-        if not folders and not (source / "runs").is_dir():
-            raise FileNotFoundError(f"{source} holds no metrics.json, curves.csv or runs/: "
-                                    "give a results, sweep or collected folder")
-        runs = {}
-        for folder in folders:
-            curves = load_test_curves(folder)
-            if curves is None:
-                notes.append(f"skipped {folder}: no per-epoch test accuracy (main.py without "
-                             "--validation)")
-                continue
-            label = (source.name if folder == source else
-                     re.sub(r"_seed[^_]*$", "", folder.parent.name))
-            runs.setdefault(label, []).extend(curves)
-        for label, curves in runs.items():
-            length = min(map(len, curves))
-            found[label] = np.array([curve[:length] for curve in curves])
-    return {panel: found for panel, found in panels.items() if found}, notes
-
-
-def read_curves_csv(path):
-    """A curves.csv collected by sweep.py as {(rule, path, variant): {seed: test curve
-    (%)}}."""
-    curves = {}
-    for line in Path(path).read_text().splitlines()[1:]:
-        rule, path_label, variant, seed, _, _, test = line.split(",")
-        curves.setdefault((rule, path_label, variant), {}).setdefault(seed, []).append(
-            float(test))
-    return curves
-
-
-def load_test_curves(folder):
-    """Test-accuracy curves (runs x epochs, fractions) of a results folder written by
-    main.py or main_pytorch.py, from its metrics.json; None for a main.py run without
-    --validation (no per-epoch test accuracy)."""
-    path = Path(folder) / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} holds no metrics.json: give a results folder "
-                                "written by main.py or main_pytorch.py")
-    metrics = json.loads(path.read_text())
-    runs = [run for run in metrics["test"] if run]
-    if not runs:
-        return None
-    length = min(map(len, runs))
-    curves = np.array([run[:length] for run in runs], float)
-    return curves / 100 if metrics.get("accuracy_unit") == "percent" else curves

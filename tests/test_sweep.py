@@ -305,7 +305,7 @@ def test_a_second_sweep_adds_its_rows_to_the_collected_ones(tmp_path, paper_resu
     assert "97.00 (n = 1)" in rows[("| PEPITA", "numpy")]  # the first sweep's
     assert "97.00 (n = 1)" in rows[("| BP", "numpy")]  # the second sweep's
     assert rows[("| FA", "numpy")] in committed  # neither sweep ran FA: the committed row
-    curves = utils.read_curves_csv(folder / "curves.csv")
+    curves = report.read_curves_csv(folder / "curves.csv")
     assert curves[("ERIN", "numpy", "")] == {"0": [90.0, 97.0]}  # replaced, not mixed
     assert len(curves[("FA", "numpy", "")]["0"]) == 100
     readme = (folder / "README.md").read_text()
