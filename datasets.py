@@ -36,14 +36,16 @@ EMNIST_FILES = tuple(f"emnist-balanced-{name}" for name in MNIST_FILES)
 DATASETS = {
     "mn": dict(name="MNIST", alias="mnist", shape=(28, 28, 1), classes=10, npz="mnist.npz",
                dirs=("mnist", "MNIST/raw"), idx=MNIST_FILES),
-    "fmn": dict(name="Fashion-MNIST", alias="fmnist", shape=(28, 28, 1), classes=10, npz="fashion_mnist.npz",
+    "fmn": dict(name="Fashion-MNIST", alias="fmnist", shape=(28, 28, 1), classes=10,
+                npz="fashion_mnist.npz",
                 dirs=("fashion-mnist", "fashion_mnist", "FashionMNIST/raw"), idx=MNIST_FILES),
-    "emn": dict(name="EMNIST balanced", alias="emnist", shape=(28, 28, 1), classes=47, npz="emnist_balanced.npz",
-                dirs=("emnist", "EMNIST/raw", "gzip"), idx=EMNIST_FILES),
-    "cif": dict(name="CIFAR-10", alias="cifar10", shape=(32, 32, 3), classes=10, npz="cifar10.npz",
-                dirs=("cifar-10-batches-py",), idx=None),
-    "cif100": dict(name="CIFAR-100", alias="cifar100", shape=(32, 32, 3), classes=100, npz="cifar100.npz",
-                   dirs=("cifar-100-python",), idx=None),
+    "emn": dict(name="EMNIST balanced", alias="emnist", shape=(28, 28, 1), classes=47,
+                npz="emnist_balanced.npz", dirs=("emnist", "EMNIST/raw", "gzip"),
+                idx=EMNIST_FILES),
+    "cif": dict(name="CIFAR-10", alias="cifar10", shape=(32, 32, 3), classes=10,
+                npz="cifar10.npz", dirs=("cifar-10-batches-py",), idx=None),
+    "cif100": dict(name="CIFAR-100", alias="cifar100", shape=(32, 32, 3), classes=100,
+                   npz="cifar100.npz", dirs=("cifar-100-python",), idx=None),
 }
 
 
@@ -203,7 +205,8 @@ def _download_keras(code):
     if code not in loaders:
         return _download_torchvision(code, Path.home() / ".cache" / "pepita")
     (x_train, y_train), (x_test, y_test) = loaders[code].load_data()
-    return (x_train, y_train, x_test, y_test), f"keras.datasets.{loaders[code].__name__.split('.')[-1]}"
+    source = f"keras.datasets.{loaders[code].__name__.split('.')[-1]}"
+    return (x_train, y_train, x_test, y_test), source
 
 
 def _download_torchvision(code, root):

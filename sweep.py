@@ -430,7 +430,7 @@ def sweep(args, common, own):
         print(trials.time_estimate(specs, sweep_dir, args, code_of, settings_of))
         return 0
     for spec in specs:
-        trials.read_record(sweep_dir / "runs" / spec["name"])  # a damaged record: now, not after
+        trials.read_record(sweep_dir / "runs" / spec["name"])  # damaged: now, not after
     write_manifest(sweep_dir, specs, args, own, common)
     tic = time.time()
     trials.run_sweep(specs, sweep_dir, args)

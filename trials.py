@@ -118,8 +118,8 @@ def trial(config):
     record = {"name": spec["name"], "command": command, "how": how, "cpus": cpus,
               "gpus": gpus, "machine": machine(cpus, gpus), "started": time.time(),
               # how the earlier tries of this run ended (a retry, or the sweep run again)
-              "earlier_ends": [*earlier.get("earlier_ends", []),
-                               *([earlier["message"]] if earlier.get("message") else [])]}
+              "earlier_ends": [*earlier.get("earlier_ends", []), *earlier_end(earlier)]}
+    utils.write_json(run_dir / "trial.json", record)  # a start without an end: a lost worker
     log_path = run_dir / "log.txt"
     offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log_file:
@@ -151,6 +151,13 @@ def trial(config):
                      "message": record["message"]})
     elif epochs > reported:
         tune.report({"epoch": epochs, "test_acc": acc, "state": how})
+
+
+def earlier_end(record):
+    """How the try of a trial.json ended, as a list of its line (none for a clean end)."""
+    if record and "returncode" not in record:
+        return ["its worker or node was lost while it ran"]
+    return [record["message"]] if record.get("message") else []
 
 
 class TrialKilled(RuntimeError):

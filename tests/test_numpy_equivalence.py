@@ -292,7 +292,8 @@ def test_published_momentum_over_many_steps(monkeypatch, use_blas):
         v_ref = 0.9 * v_ref + eta * delta.T.astype(np.float64) @ inputs / 4
         w_ref -= v_ref
     np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-4 * np.abs(w_ref).max())
-    np.testing.assert_allclose(optimizer.state_dict()["buffers"]["opt0_0"], v_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(optimizer.state_dict()["buffers"]["opt0_0"], v_ref, rtol=1e-4,
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("keep", [0.9, 0.5, 0.3, 1e-3])
