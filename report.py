@@ -82,8 +82,8 @@ def merge_into(out, new_rows, new_lines, notes, commands):
                     f"{names}: test accuracy, mean ± std over seeds", papers)
     commands = "\n".join(dict.fromkeys([*earlier["commands"], *commands]))
     utils.write_text(out / "README.md", (
-        f"# {names}: collected by sweep.py\n\n"
-        + "".join(f"{n}\n\n" for n in notes)
+        (earlier["title"] or f"# {names}: collected by sweep.py") + "\n\n"
+        + "".join(f"{n}\n\n" for n in [*earlier["intro"], *notes])
         + f"Produced by (in the repository root; each --collect adds its sweep's rows to "
         f"what the folder holds):\n\n```bash\n{commands}\n```\n\n"
         "- `table.md`: per rule and path, the final test accuracy (mean ± std over seeds, "
@@ -251,8 +251,10 @@ def row_key(row):
 
 def read_collection(out):
     """What an earlier collect wrote into out: its notes and rows (table.md), its curves'
-    lines (curves.csv) and its commands (README.md); empty where there is none."""
-    found = {"notes": [], "rows": [], "curve_lines": [], "commands": []}
+    lines (curves.csv), and its README's title, the words added to it by hand before its
+    commands, and its commands; empty where there is none."""
+    found = {"notes": [], "rows": [], "curve_lines": [], "commands": [], "title": None,
+             "intro": []}
     if not (out / "table.md").is_file() or not (out / "curves.csv").is_file():
         return found
     advice = "restore it from git, or collect into another --out"
@@ -267,6 +269,11 @@ def read_collection(out):
     found["curve_lines"] = (out / "curves.csv").read_text().splitlines()[1:]
     readme = out / "README.md"
     text = readme.read_text() if readme.is_file() else ""
+    if text.startswith("# ") and "Produced by" in text:  # its title and its own words
+        head = text.split("Produced by", 1)[0].splitlines()
+        found["title"] = head[0]
+        found["intro"] = [line for line in head[1:] if line.strip()
+                          and line not in found["notes"]]
     if "```bash\n" in text:
         block = text.split("```bash\n", 1)[1].split("```", 1)[0]
         found["commands"] = [line for line in block.splitlines() if line.strip()]

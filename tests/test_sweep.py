@@ -364,14 +364,18 @@ def test_a_settings_folder_merges_into_its_dataset_table_and_figure(tmp_path):
     report.write_collection(tmp_path / "search", fake_runs("Net1conv1fcXL", "ERIN", "a=0",
                                                            [98.2, 98.4]), [],
                             ["python sweep.py --grid a=0"])
+    readme = tmp_path / "mnist" / "README.md"
+    readme.write_text(readme.read_text().replace("sweep.py\n\n",
+                                                 "sweep.py\n\nWords by hand.\n\n", 1))
     rows = report.merge_collection(tmp_path / "mnist", tmp_path / "search" / "mnist")
     assert [(row["rule"], row["variant"], row["seeds"]) for row in rows] == [
         ("FA", "", 1), ("DFA", "", 1), ("PEPITA", "a=1", 1), ("PEPITA", "a=0", 2)]
     table = (tmp_path / "mnist" / "table.md").read_text()
     assert table.startswith("a note") and "| 98.30 ± 0.10 | 98.29 ± 0.13 |" in table
     assert len((tmp_path / "mnist" / "curves.csv").read_text().splitlines()) == 1 + 2 * 5
-    readme = (tmp_path / "mnist" / "README.md").read_text()
-    assert "--paper mnist" in readme and "--grid a=0" in readme
+    text = readme.read_text()
+    assert "--paper mnist" in text and "--grid a=0" in text
+    assert text.startswith("# mnist: collected by sweep.py\n\nWords by hand.\n\na note\n")
     assert (tmp_path / "mnist" / "test_curves.png").stat().st_size > 10000
 
 
