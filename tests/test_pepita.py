@@ -146,6 +146,15 @@ def one_sgd_step(model, step, own_engine=False):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def assert_same_update(paper, paper_step, ours, rule, x, y, atol):
+    """One SGD step of the paper's engine (paper_step(optimizer)) and of rule: the same
+    weights after it."""
+    want = one_sgd_step(paper, paper_step, own_engine=True)
+    got = one_sgd_step(ours, lambda opt: rule.step(x, y))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
+
+
 def test_the_tutorial_net_through_pepita_equals_its_own_engine():
     paper = models.FCNet([784, 32, 10], "he_uniform")
     ours = nn.Sequential(nn.Flatten(), nn.Linear(784, 32, bias=False), nn.ReLU(),
@@ -157,11 +166,8 @@ def test_the_tutorial_net_through_pepita_equals_its_own_engine():
     gen = torch.Generator().manual_seed(6)  # the masks: drawn alike by both
     masks = models.draw_masks(paper, gen, 16, 0.9, "cpu")
     rule.generator = torch.Generator().manual_seed(6)
-    want = one_sgd_step(paper, lambda opt: models.pepita_step(
-        paper, opt, x, torch.eye(10)[y], rule.B, masks, 16), own_engine=True)
-    got = one_sgd_step(ours, lambda opt: rule.step(x, y))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert_same_update(paper, lambda opt: models.pepita_step(
+        paper, opt, x, torch.eye(10)[y], rule.B, masks, 16), ours, rule, x, y, 1e-7)
 
 
 def test_the_conv_net_through_pepita_with_its_quirks_equals_its_own_engine():
@@ -172,11 +178,8 @@ def test_the_conv_net_through_pepita_with_its_quirks_equals_its_own_engine():
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     rule = pepita.PEPITA(ours, 10, (1, 28, 28), seed=2, conv_update="published",
                          last_error="first")
-    want = one_sgd_step(paper, lambda opt: models.pepita_step(
-        paper, opt, x, torch.eye(10)[y], rule.B, None, 8), own_engine=True)
-    got = one_sgd_step(ours, lambda opt: rule.step(x, y))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert_same_update(paper, lambda opt: models.pepita_step(
+        paper, opt, x, torch.eye(10)[y], rule.B, None, 8), ours, rule, x, y, 1e-8)
 
 
 def test_the_followup_modes_equal_the_followup_engine():
@@ -188,11 +191,9 @@ def test_the_followup_modes_equal_the_followup_engine():
         for layer, index in zip(paper.layers, (0, 2, 4)):
             ours[index].weight.data.copy_(layer.weight)
         rule = pepita.PEPITA(ours, 4, (20,), seed=1, mode=mode)
-        want = one_sgd_step(paper, lambda opt: models.followup_step(
-            paper, opt, x, torch.eye(4)[y], rule.B, None, mode, 5, None), own_engine=True)
-        got = one_sgd_step(ours, lambda opt: rule.step(x, y))
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=mode)
+        assert_same_update(paper, lambda opt: models.followup_step(
+            paper, opt, x, torch.eye(4)[y], rule.B, None, mode, 5, None), ours, rule, x, y,
+            1e-7)
         paper = models.FCNet([20, 8, 6, 4], "he_uniform")
 
 
