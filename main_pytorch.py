@@ -403,6 +403,8 @@ def train(args):
     run = protocol.Run(args, protocol.results_folder(args, folder_name(args, code)), ENGINE)
     if run.finished:
         return
+    if device.type == "cuda":
+        run.device = f"cuda ({torch.cuda.get_device_name(device)})"
     seed, data_seq, run_seqs = run.seeds()
     arrays = datasets.load_dataset(code, args.data_dir, "torchvision")
     run.check_data(protocol.dataset_record(code, args.data_dir, arrays))

@@ -392,6 +392,7 @@ class Run:
         self.checkpoint = self.folder / engine.checkpoint
         self.state = None  # the saved state that --resume continues
         self.data = None
+        self.device = "cpu"  # where the arithmetic runs (metrics.json); the script sets it
         self.finished = False
         if args.resume:
             self.read_saved()
@@ -527,7 +528,8 @@ class Run:
             "script": self.engine.script,
             "command": shlex.join(["python", self.engine.script,
                                    *getattr(self.args, "command", [])]),
-            "commit": git_commit(), "versions": versions(), "dataset": self.data,
+            "commit": git_commit(), "date": utc_now(), "host": platform.node(),
+            "device": self.device, "versions": versions(), "dataset": self.data,
             "settings": settings, "seed": self.args.seed, "status": status,
             "runs_finished": self.runs_finished, "accuracy_unit": "percent",
             "summary": summary, "total_time_s": elapsed,
@@ -539,20 +541,40 @@ METRICS_KEYS = ("loss", "train", "val", "test", "final_train", "final_val", "fin
 
 
 def git_commit():
-    """The commit of the code that runs (with "-dirty" for uncommitted changes), or None
-    outside a git checkout."""
+    """The commit of the code that runs (with "-dirty" for uncommitted changes); in a copy
+    made by `git archive` (a sweep's code, README), the commit that git wrote into
+    .git_archival.txt; else None."""
     if not hasattr(git_commit, "value"):
-        try:
-            head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-                                  capture_output=True, text=True, timeout=10)
-            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
-                                    "--untracked-files=no"], capture_output=True, text=True,
-                                   timeout=10)
-            git_commit.value = (head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-                                if head.returncode == 0 else None)
-        except (OSError, subprocess.SubprocessError):
-            git_commit.value = None
+        git_commit.value = checkout_commit() or archived_commit()
     return git_commit.value
+
+
+def checkout_commit():
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def archived_commit():
+    """The node line of .git_archival.txt once `git archive` has filled it in (export-subst
+    in .gitattributes); in the repository itself it still holds the placeholder."""
+    path = ROOT / ".git_archival.txt"
+    text = path.read_text() if path.is_file() else ""
+    node = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.startswith("node:")), "")
+    return node if len(node) == 40 and all(c in "0123456789abcdef" for c in node) else None
+
+
+def utc_now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def versions():

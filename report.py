@@ -4,6 +4,7 @@ Table 1 from the committed results (results/paper/README.md).
 sweep.py reads the runs and calls these (`python sweep.py --collect DIR`, `python sweep.py
 --combine`); everything here works on what the runs measured, and on the paper's values.
 """
+import csv
 import itertools
 import json
 import os
@@ -37,88 +38,179 @@ def paper_value(code, path, rule):
 # One sweep's collection: table.md, curves.csv, test_curves.png, README.md
 # ------------------------------------------------------------------------------------------
 def write_collection(out_root, groups, notes, commands):
-    """Write table.md, curves.csv, test_curves.png and README.md of the runs in groups into
-    out_root/<dataset>/; returns (rows, folder). What the folder already holds from earlier
-    sweeps stays: a (rule, net) row of these runs replaces the row of the same rule and net,
-    the others are kept with their curves, notes and commands."""
+    """Write table.md, curves.csv, runs.csv, test_curves.png and README.md of the runs in
+    groups into out_root/<dataset>/; returns (rows, folder). What the folder already holds
+    from earlier sweeps stays: a (rule, net) row of these runs replaces the row of the same
+    rule and net, the others are kept with their curves, runs, notes and commands."""
     codes = sorted({run["code"] for runs in groups.values() for run in runs})
     out = Path(out_root) / "_".join(DATASETS[c]["alias"] if c in DATASETS else c for c in codes)
     out.mkdir(parents=True, exist_ok=True)
-    return merge_into(out, table_rows(groups), curve_lines(groups), notes, commands), out
+    return merge_into(out, {"rows": table_rows(groups), "curve_lines": curve_lines(groups),
+                            "runs": run_provenance(groups), "notes": notes,
+                            "commands": commands}), out
 
 
 def merge_collection(out, source):
-    """Add another collected folder's rows, curves, notes and commands to out (a row of the
-    same rule, net and variant replaced), e.g. a settings search's runs that the preset now
-    takes; returns the rows."""
+    """Add another collected folder's rows, curves, runs, notes and commands to out (a row
+    of the same rule, net and variant replaced), e.g. a settings search's runs that the
+    preset now takes; returns the rows."""
     found = read_collection(Path(source))
     if not found["rows"]:
         raise UsageError(f"{source} holds no table.md and curves.csv of sweep.py")
-    return merge_into(Path(out), found["rows"], found["curve_lines"], found["notes"],
-                      found["commands"])
+    return merge_into(Path(out), found)
 
 
-def merge_into(out, new_rows, new_lines, notes, commands):
-    """Write out's four files from what it holds and the new rows and curve lines."""
+def redraw_collection(out):
+    """Rewrite a collected folder from what it holds (the fits from its curves, its
+    figure, its README's standard text); returns the rows."""
+    return merge_into(Path(out), {"rows": [], "curve_lines": [], "runs": [], "notes": [],
+                                  "commands": []})
+
+
+def merge_into(out, new):
+    """Write out's five files from what it holds and new's rows, curve lines, runs, notes
+    and commands (read_collection's keys)."""
     earlier = read_collection(out)
-    replaced = {row_key(row) for row in new_rows}
-    rows = [row for row in earlier["rows"] if row_key(row) not in replaced] + new_rows
-    notes = list(dict.fromkeys([*earlier["notes"], *notes]))
-    utils.write_text(out / "table.md", "".join(f"{n}\n\n" for n in notes)
-                     + table_markdown(rows))
+    replaced = {row_key(row) for row in new["rows"]}
+    rows = [row for row in earlier["rows"] if row_key(row) not in replaced] + new["rows"]
+    notes = list(dict.fromkeys([*earlier["notes"], *new["notes"]]))
     kept = [line for line in earlier["curve_lines"]
             if row_key(dict(zip(("rule", "path", "variant"), line.split(",")[:3])))
             not in replaced]
-    utils.write_text(out / "curves.csv", "\n".join([CURVES_HEADER, *kept, *new_lines]) + "\n")
-    curves = {}
-    for (rule, path, variant), by_seed in read_curves_csv(out / "curves.csv").items():
+    utils.write_text(out / "curves.csv",
+                     "\n".join([CURVES_HEADER, *kept, *new["curve_lines"]]) + "\n")
+    curves = read_curves_csv(out / "curves.csv")
+    code = dataset_of(out.resolve())
+    fit_rows(rows, curves, DATASETS[code]["classes"] if code else None)
+    utils.write_text(out / "table.md", "".join(f"{n}\n\n" for n in notes)
+                     + table_markdown(rows))
+    write_runs_csv(out / "runs.csv", [run for run in earlier["runs"]
+                                      if row_key(run) not in replaced] + new["runs"])
+    drawn = {}
+    for (rule, path, variant), by_seed in curves.items():
         length = min(map(len, by_seed.values()))
         if length:
-            curves[utils.run_label(rule, path, variant)] = [c[:length] for c in by_seed.values()]
+            drawn[utils.run_label(rule, path, variant)] = [c[:length] for c in by_seed.values()]
     papers = {utils.run_label(row["rule"], row["path"], row["variant"]): row["paper"]
               for row in rows if row["paper"]}
     names = out.name
-    plot_comparison(out / "test_curves.png", curves,
-                    f"{names}: test accuracy, mean ± std over seeds", papers)
-    commands = "\n".join(dict.fromkeys([*earlier["commands"], *commands]))
+    if drawn:
+        plot_comparison(out / "test_curves.png", drawn,
+                        f"{names}: test accuracy, mean ± std over seeds", papers)
+    undrawn = [label for label in (utils.run_label(row["rule"], row["path"], row["variant"])
+                                   for row in rows) if label not in drawn]
+    missing = (f"Not drawn and not fitted ({', '.join(undrawn)}): their runs have no "
+               "per-epoch test curve (main.py without --validation); the table holds their "
+               "final test accuracy." if undrawn else None)
+    commands = "\n".join(dict.fromkeys([*earlier["commands"], *new["commands"]]))
     utils.write_text(out / "README.md", (
         (earlier["title"] or f"# {names}: collected by sweep.py") + "\n\n"
         + "".join(f"{n}\n\n" for n in [*earlier["intro"], *notes])
         + f"Produced by (in the repository root; each --collect adds its sweep's rows to "
         f"what the folder holds):\n\n```bash\n{commands}\n```\n\n"
-        "- `table.md`: per rule and path, the final test accuracy (mean ± std over seeds, "
-        "numpy's np.std; one seed: n = 1), the paper's value and the distance in units of "
-        "the paper's std (marked beyond 2), the slowness and acc_max of the mean test curve "
-        f"(first {SLOWNESS_FIT_EPOCHS} epochs), the median time per epoch and the machine.\n"
-        "- `curves.csv`: every run's per-epoch accuracies (%).\n"
-        "- `test_curves.png`: mean test curve per rule, with a band of ± one std, and the "
-        "paper's mean with its band of ± 2 std at the right end; the right panel zooms on "
-        "the rules near the best.\n"))
+        + (f"{missing}\n\n" if missing else "")
+        + COLLECTION_FILES))
     return rows
 
 
+COLLECTION_FILES = (
+    "- `table.md`: per rule and path, the final test accuracy (mean ± std over seeds, the "
+    "population std, numpy's np.std with ddof 0; one seed: n = 1), the paper's value and the "
+    "distance in units of the paper's std (marked beyond 2), the slowness and acc_max of the "
+    "mean test curve (fitted to the chance level at epoch 0 and the test accuracy after "
+    f"epochs 1 to {SLOWNESS_FIT_EPOCHS - 1}: {SLOWNESS_FIT_EPOCHS} points), the median time "
+    "per epoch and the machine.\n"
+    "- `curves.csv`: every run's per-epoch accuracies (%).\n"
+    "- `runs.csv`: where each run behind a row came from: its seed, final test accuracy, "
+    "epochs, command, commit, date, machine, device, dataset and the sha256 of its arrays as "
+    "loaded (`datasets.fingerprint`); \"not recorded\" where the run's files no longer "
+    "held it when its row was written.\n"
+    "- `test_curves.png`: mean test curve per rule, with a band of ± one std, and the "
+    "paper's mean with its band of ± 2 std at the right end; the right panel zooms on "
+    "the rules near the best.\n")
+
+
+def dataset_of(folder):
+    """The dataset code of a collected folder: the first of its own and its parents' names
+    that is a dataset's alias (a settings search's folder lies in its dataset's), or None
+    (a folder of several datasets)."""
+    aliases = {spec["alias"]: code for code, spec in DATASETS.items()}
+    return next((aliases[p.name] for p in (folder, *folder.parents) if p.name in aliases),
+                None)
+
+
+RUNS_FIELDS = ("rule", "path", "variant", "seed", "run", "final_test_percent", "epochs",
+               "command", "commit", "date", "machine", "device", "dataset", "data_sha256")
+NOT_RECORDED = "not recorded"
+
+
+def run_provenance(groups):
+    """runs.csv's rows: one per run behind the table's rows."""
+    rows = []
+    for (path, rule, variant), runs in groups.items():
+        for run in runs:
+            rows.append({
+                "rule": rule, "path": path, "variant": variant, "seed": run["seed"],
+                "run": run["run"], "final_test_percent": f"{run['final']:.4f}",
+                "epochs": len(run["times"]),
+                **{key: run.get(key) or NOT_RECORDED for key in (
+                    "command", "commit", "date", "machine", "device", "dataset",
+                    "data_sha256")}})
+    return rows
+
+
+def write_runs_csv(path, runs):
+    def write(tmp):
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, RUNS_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(runs)
+    utils.atomic_write(path, write)
+
+
+def read_runs_csv(path):
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def table_rows(groups):
-    """One row per (path, rule, variant), with the paper's value where it has one."""
+    """One row per (path, rule, variant), with the paper's value where it has one (the
+    slowness fit comes later, from curves.csv: fit_rows)."""
     rows = []
     for (path, rule, variant), runs in groups.items():
         finals = np.array([r["final"] for r in runs])
-        length = min(len(r["test"]) for r in runs)
         paper = paper_value(runs[0]["code"], path, rule)
-        fit = None
-        if length >= 2:
-            mean_curve = np.mean([r["test"][:length] for r in runs], axis=0) / 100
-            fit = utils.compute_slowness(mean_curve, fit_epochs=SLOWNESS_FIT_EPOCHS)
         distance = (np.mean(finals) - paper[0]) / paper[1] if paper else None
         angles = [r["angle"] for r in runs if r["angle"] is not None]
         rows.append({
             "rule": utils.run_label(rule), "path": path, "variant": variant,
             "seeds": len(runs), "mean": float(np.mean(finals)), "std": float(np.std(finals)),
-            "paper": paper, "distance": distance,
-            "slowness": fit["slowness"] if fit else None,
-            "acc_max": fit["acc_max"] * 100 if fit else None, "epochs": length,
+            "paper": paper, "distance": distance, "slowness": None, "acc_max": None,
+            "epochs": min(len(r["times"]) for r in runs),
             "epoch_s": float(np.median(np.concatenate([r["times"] for r in runs]))),
             "angle": float(np.mean(angles)) if angles else None,
             "machine": "; ".join(sorted({r["machine"] for r in runs}))})
+    return rows
+
+
+def fit_rows(rows, curves, n_classes):
+    """Each row's slowness and acc_max, fitted to the mean of its runs' test curves in
+    curves.csv (the committed data, so that a redraw gives the same fit), against the
+    dataset's chance level; None for a row without curves of 2 epochs or more."""
+    labelled = {(utils.run_label(rule), path, variant): by_seed
+                for (rule, path, variant), by_seed in curves.items()}
+    for row in rows:
+        by_seed = labelled.get(row_key(row))
+        length = min(map(len, by_seed.values())) if by_seed else 0
+        fit = None
+        if length >= 2 and n_classes:
+            mean_curve = np.mean([c[:length] for c in by_seed.values()], axis=0) / 100
+            fit = utils.compute_slowness(mean_curve, fit_epochs=SLOWNESS_FIT_EPOCHS,
+                                         n_classes=n_classes)
+        row["slowness"] = fit["slowness"] if fit else None
+        row["acc_max"] = fit["acc_max"] * 100 if fit else None
     return rows
 
 
@@ -251,10 +343,10 @@ def row_key(row):
 
 def read_collection(out):
     """What an earlier collect wrote into out: its notes and rows (table.md), its curves'
-    lines (curves.csv), and its README's title, the words added to it by hand before its
-    commands, and its commands; empty where there is none."""
-    found = {"notes": [], "rows": [], "curve_lines": [], "commands": [], "title": None,
-             "intro": []}
+    lines (curves.csv), its runs (runs.csv), and its README's title, the words added to it
+    by hand before its commands, and its commands; empty where there is none."""
+    found = {"notes": [], "rows": [], "curve_lines": [], "runs": [], "commands": [],
+             "title": None, "intro": []}
     if not (out / "table.md").is_file() or not (out / "curves.csv").is_file():
         return found
     advice = "restore it from git, or collect into another --out"
@@ -267,6 +359,8 @@ def read_collection(out):
         raise UsageError(f"{out / 'table.md'} is damaged (not a table of sweep.py); "
                          f"{advice}") from None
     found["curve_lines"] = (out / "curves.csv").read_text().splitlines()[1:]
+    found["runs"] = (read_runs_csv(out / "runs.csv") if (out / "runs.csv").is_file() else
+                     runs_before_provenance(out, found["rows"]))
     readme = out / "README.md"
     text = readme.read_text() if readme.is_file() else ""
     if text.startswith("# ") and "Produced by" in text:  # its title and its own words
@@ -278,6 +372,24 @@ def read_collection(out):
         block = text.split("```bash\n", 1)[1].split("```", 1)[0]
         found["commands"] = [line for line in block.splitlines() if line.strip()]
     return found
+
+
+def runs_before_provenance(out, rows):
+    """runs.csv's rows for a folder collected before runs.csv existed: what its curves.csv
+    and table.md hold (each run's final accuracy and epochs, its row's machine, the
+    dataset), "not recorded" for the rest."""
+    machines = {row_key(row): row["machine"] for row in rows}
+    code = dataset_of(out.resolve())
+    runs = []
+    for (rule, path, variant), by_seed in read_curves_csv(out / "curves.csv").items():
+        for seed, curve in by_seed.items():
+            runs.append({**dict.fromkeys(RUNS_FIELDS, NOT_RECORDED),
+                         "rule": rule, "path": path, "variant": variant, "seed": seed,
+                         "final_test_percent": f"{curve[-1]:.4f}", "epochs": len(curve),
+                         "machine": machines.get(row_key({"rule": rule, "path": path,
+                                                          "variant": variant}), NOT_RECORDED),
+                         "dataset": DATASETS[code]["name"] if code else NOT_RECORDED})
+    return runs
 
 
 def parse_table_row(line, with_angle):

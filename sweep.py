@@ -187,8 +187,10 @@ def only_runs(specs, only):
 # Collection: the finished runs of a sweep folder, handed to report.py
 # ------------------------------------------------------------------------------------------
 def run_results(run_dir):
-    """Per run of a finished trial: (test curve %, train curve %, final test %, epoch
-    times, final angle). Only numpy has a train curve; metrics.json of before the common
+    """Per run of a finished trial: its curves (test and train, %; only numpy has a train
+    curve; empty without --validation), final test accuracy (%), epoch times, final angle,
+    and where it came from (command, commit, date, device, data; None where its
+    metrics.json, of an older schema, does not say). metrics.json of before the common
     schema held numpy's accuracies as fractions."""
     metrics = trials.read_metrics(run_dir)
     if not metrics or metrics.get("status") != "finished":
@@ -196,13 +198,19 @@ def run_results(run_dir):
     scale = 1 if metrics.get("accuracy_unit") == "percent" else 100
     alignment = metrics.get("alignment") or []
     trains = metrics.get("train") or []
+    dataset = metrics.get("dataset") or {}
+    origin = {"command": metrics.get("command"), "commit": metrics.get("commit"),
+              "date": metrics.get("date"), "device": metrics.get("device"),
+              "dataset": dataset.get("name"), "data_sha256": dataset.get("fingerprint")}
     results = []
     for r, test in enumerate(metrics["test"]):
-        train = [a * scale for a in trains[r]] if r < len(trains) else []
-        final = metrics["final_test"][r] * scale if "final_test" in metrics else test[-1]
-        angle = alignment[r][-1]["angle_F"] if r < len(alignment) and alignment[r] else None
-        results.append(([a * scale for a in test], train, final, metrics["epoch_time_s"][r],
-                        angle))
+        results.append({
+            "run": r, "test": [a * scale for a in test],
+            "train": [a * scale for a in trains[r]] if r < len(trains) else [],
+            "final": metrics["final_test"][r] * scale if "final_test" in metrics else test[-1],
+            "times": metrics["epoch_time_s"][r],
+            "angle": alignment[r][-1]["angle_F"] if r < len(alignment) and alignment[r]
+            else None, **origin})
     return results
 
 
@@ -227,10 +235,9 @@ def group_runs(manifest, sweep_dir):
         key = (spec["path"], spec["rule"], spec["variant"])
         run_dir = sweep_dir / "runs" / spec["name"]
         record = trials.read_record(run_dir)
-        for test, train, final, times, angle in run_results(run_dir):
+        for result in run_results(run_dir):
             groups.setdefault(key, []).append({
-                "seed": spec["seed"], "test": test, "train": train, "final": final,
-                "times": times, "angle": angle, "machine": record.get("machine", "?"),
+                **result, "seed": spec["seed"], "machine": record.get("machine", "?"),
                 "code": code_of(spec)})
     return groups
 
@@ -355,8 +362,9 @@ def build_parser():
     add("--collect", metavar="DIR", default=None,
         help="only collect the table of the sweep folder DIR")
     add("--combine", action="store_true",
-        help="only write results/paper/README.md, the paper's table, from the committed "
-             "per-dataset results")
+        help="only redraw the committed collections under results/paper and "
+             "results/followup from what they hold (fits from their curves, figures, "
+             "runs.csv) and write results/paper/README.md, the paper's table")
     return parser
 
 
@@ -393,8 +401,13 @@ def run_main(parser, args, common, own):
 
 def sweep(args, common, own):
     if args.combine:
+        for results in (PAPER_RESULTS, FOLLOWUP_RESULTS):
+            for table in sorted(results.glob("**/table.md")):
+                report.redraw_collection(table.parent)
         lines = report.combined_table(PAPER_RESULTS)
-        log.info("wrote %s (%d rules)", report.display_path(str(PAPER_RESULTS / "README.md")),
+        log.info("redrew the collections under %s and %s; wrote %s (%d rules)",
+                 *(report.display_path(str(p)) for p in (PAPER_RESULTS, FOLLOWUP_RESULTS,
+                                                         PAPER_RESULTS / "README.md")),
                  len(lines) - 2)
         return 0
     if args.collect:

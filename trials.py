@@ -62,12 +62,18 @@ def read_json(path, advice):
 
 
 def progress(metrics):
-    """(epochs done, latest test accuracy in %) of the run's current curve."""
-    if not metrics or not metrics.get("test"):
+    """(epochs done, latest test accuracy in %) of the run under way (else the last one):
+    its epochs from the epoch times, its accuracy from the per-epoch test curve, or, for a
+    run without one (main.py without --validation), its final test accuracy."""
+    times = (metrics or {}).get("epoch_time_s") or []
+    if not times:
         return 0, None
-    curve = metrics["test"][-1] or (metrics["test"][-2] if len(metrics["test"]) > 1 else [])
+    index = len(times) - 1 if times[-1] or len(times) == 1 else len(times) - 2
     scale = 1 if metrics.get("accuracy_unit") == "percent" else 100
-    return len(curve), (curve[-1] * scale if curve else None)
+    curves, finals = metrics.get("test") or [], metrics.get("final_test") or []
+    curve = curves[index] if index < len(curves) else []
+    accuracy = curve[-1] if curve else (finals[index] if index < len(finals) else None)
+    return len(times[index]), (None if accuracy is None else accuracy * scale)
 
 
 def machine(cpus, gpus):

@@ -285,13 +285,15 @@ def angle_degrees(a, b):
 # ------------------------------------------------------------------------------------------
 # Slowness (convergence rate) of a test-accuracy curve
 # ------------------------------------------------------------------------------------------
-def compute_slowness(test_curve, fit_epochs=None, in100=False, n_classes=10, ax=None,
+def compute_slowness(test_curve, fit_epochs=None, in100=False, *, n_classes, ax=None,
                      label=None):
     """Fit acc(x) = acc_max * x / (a + x) to a test-accuracy curve; the slowness is a.
 
-    As the published notebook: the chance level (1 / n_classes, times 100 with in100) is
-    prepended at x = 0, the first fit_epochs points are kept (all when None), acc_max is
-    their maximum, and a is fitted by least squares from a = 0.5 (scipy's curve_fit).
+    As the published notebook: the chance level (1 / n_classes, times 100 with in100; no
+    default, so that no caller fits CIFAR-100 against 10%) is prepended at x = 0, the first
+    fit_epochs points are kept (all when None: the chance level and epochs 1 to
+    fit_epochs - 1), acc_max is their maximum, and a is fitted by least squares from
+    a = 0.5 (scipy's curve_fit).
     Smaller a means faster convergence. test_curve holds fractions, or percent with in100.
     With ax (a matplotlib Axes), the curve and the fit are drawn there, in percent.
 

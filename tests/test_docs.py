@@ -1,6 +1,7 @@
 """The commands and links of README.md and docs/ stay valid: every `python main.py`,
 `main_pytorch.py`, `sweep.py` and `examples/own_model.py` command in a bash block parses with
-its script's own parser, and every relative link points at a file of the repository."""
+its script's own parser, every relative link points at a file of the repository, and every
+#anchor (there and in results/) at a heading of its page."""
 import contextlib
 import io
 import re
@@ -66,3 +67,24 @@ def test_every_relative_link_points_at_a_file():
     for page in PAGES:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name}: {target}"
+
+
+def heading_anchors(page):
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as
+    hyphens (repeats numbered -1, -2, ...)."""
+    anchors, seen = set(), {}
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    for title in re.findall(r"^#+ +(.+?) *$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_every_anchor_link_points_at_a_heading():
+    pages = [*PAGES, *sorted((ROOT / "results").glob("**/*.md"))]
+    for page in pages:
+        for target, anchor in re.findall(r"\]\(([^)#:]*)#([^)]+)\)", page.read_text()):
+            linked = (page.parent / target).resolve() if target else page
+            assert anchor in heading_anchors(linked), \
+                f"{page.relative_to(ROOT)}: {target}#{anchor}"

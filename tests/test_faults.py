@@ -70,7 +70,7 @@ def same_results(a, b):
         for key in ("results_dir", "resume"):
             metrics["settings"].pop(key)
     for key in metrics_a:
-        if key not in ("epoch_time_s", "total_time_s", "command"):
+        if key not in ("epoch_time_s", "total_time_s", "date", "command"):
             assert metrics_a[key] == metrics_b[key], key
 
 

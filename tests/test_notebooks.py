@@ -134,11 +134,11 @@ def test_notebooks_run_headless_with_papermill_parameters(tmp_path, cifar_dir, n
 def test_slowness_matches_the_published_procedure():
     x = np.arange(1, 61)
     curve = 0.98 * x / (0.7 + x)
-    fit = utils.compute_slowness(curve, fit_epochs=60)
+    fit = utils.compute_slowness(curve, fit_epochs=60, n_classes=10)
     assert fit["acc_max"] == pytest.approx(0.96851, abs=1e-5)
     assert fit["slowness"] == pytest.approx(0.62214, abs=1e-5)
     assert fit["curve"][0] == 0.1 and len(fit["curve"]) == 60
-    in_percent = utils.compute_slowness(curve * 100, fit_epochs=60, in100=True)
+    in_percent = utils.compute_slowness(curve * 100, fit_epochs=60, in100=True, n_classes=10)
     assert in_percent["slowness"] == pytest.approx(fit["slowness"], rel=1e-6)
     assert in_percent["acc_max"] == pytest.approx(96.851, abs=1e-3)
 
@@ -147,12 +147,13 @@ def test_slowness_with_100_classes_uses_chance_001():
     x = np.arange(1, 31)
     fit = utils.compute_slowness(0.5 * x / (2 + x), n_classes=100)
     assert fit["curve"][0] == 0.01
-    assert fit["slowness"] != utils.compute_slowness(0.5 * x / (2 + x))["slowness"]
+    assert fit["slowness"] != utils.compute_slowness(0.5 * x / (2 + x),
+                                                     n_classes=10)["slowness"]
 
 
 def test_slowness_of_a_too_short_curve_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 2 epochs"):
-        utils.compute_slowness([0.9])
+        utils.compute_slowness([0.9], n_classes=10)
 
 
 def test_slowness_draws_curve_and_fit():
@@ -160,6 +161,6 @@ def test_slowness_draws_curve_and_fit():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots()
-    utils.compute_slowness([0.5, 0.7, 0.8, 0.85], ax=ax)
+    utils.compute_slowness([0.5, 0.7, 0.8, 0.85], n_classes=10, ax=ax)
     assert len(ax.lines) == 2 and ax.lines[0].get_ydata()[0] == pytest.approx(10.0)
     plt.close(fig)

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,6 +69,25 @@ def test_two_rules_two_seeds_collect_the_runs_own_numbers(tmp_path, mnist_dir, e
     assert "sweep.py --script main.py" in (tmp_path / "mnist" / "README.md").read_text()
     threads = {json.loads(p.read_text())["cpus"] for p in tmp_path.glob("runs/*/trial.json")}
     assert threads == {1}
+    assert_provenance(tmp_path, 4)
+
+
+def assert_provenance(sweep_dir, n_runs):
+    """runs.csv: one row per run, each with a commit of this repository, the date, the
+    machine and device, and the digest of the data it read (that of its metrics.json)."""
+    runs = report.read_runs_csv(sweep_dir / "mnist" / "runs.csv")
+    assert len(runs) == n_runs
+    digests = {json.loads(p.read_text())["dataset"]["fingerprint"]
+               for p in sweep_dir.glob("runs/*/res_*/metrics.json")}
+    for run in runs:
+        commit = run["commit"].removesuffix("-dirty")
+        assert subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"]
+                              ).returncode == 0
+        assert run["command"].startswith("python main.py") and run["dataset"] == "MNIST"
+        assert run["device"] == "cpu" and "core" in run["machine"]
+        assert run["data_sha256"] in digests and len(run["data_sha256"]) == 64
+        assert run["date"].startswith(time.strftime("%Y-"))
+        assert float(run["final_test_percent"]) > 0
 
 
 def test_a_failing_trial_is_reported_and_the_others_finish(tmp_path, mnist_dir, embedded_ray,
@@ -83,6 +103,25 @@ def test_a_failing_trial_is_reported_and_the_others_finish(tmp_path, mnist_dir, 
     assert "FAILED" in caplog.text and "exceeds" in caplog.text
     assert list(final_tests(tmp_path)) == ["numpy_ERIN_n_samples=300_seed0"]
     assert (tmp_path / "mnist" / "table.md").is_file()  # collected from what finished
+
+
+def test_a_sweep_without_validation_collects_its_final_accuracies(tmp_path, mnist_dir,
+                                                                  embedded_ray, caplog):
+    caplog.set_level(logging.INFO, logger="pepita")
+    small = [flag for flag in SMALL if flag != "--validation"]
+    argv = ["--script", "main.py", "--grid", "eta=0.1", "--epochs", "1", "--sweep_dir",
+            str(tmp_path), "--data_dir", str(mnist_dir), "--", *small]
+    assert sweep.main(argv) == 0
+    final = final_tests(tmp_path)["numpy_ERIN_eta=0.1_seed0"]
+    assert re.search(rf"finished +1 epochs +test {final:.2f}%", caplog.text)
+    cells = table_cells(tmp_path)[("PEPITA", "numpy eta=0.1")]
+    assert cells[3] == "1" and cells[4] == f"{final:.2f} (n = 1)"
+    assert cells[7] == cells[8] == "–"  # no slowness, no acc_max: no curve to fit
+    readme = (tmp_path / "mnist" / "README.md").read_text()
+    assert "Not drawn and not fitted (PEPITA numpy eta=0.1): their runs have no per-epoch " \
+           "test curve" in readme
+    assert not (tmp_path / "mnist" / "test_curves.png").exists()
+    assert_provenance(tmp_path, 1)
 
 
 def run_lines(capsys):
@@ -352,8 +391,37 @@ def test_the_combined_table_has_every_cell_of_the_paper(tmp_path):
 
 def fake_runs(path, rule, variant, finals, code="mn"):
     return {(path, rule, variant): [
-        {"seed": seed, "test": [50.0, final], "train": [], "final": final, "times": [1.0],
-         "angle": None, "machine": "here", "code": code} for seed, final in enumerate(finals)]}
+        {"seed": seed, "run": 0, "test": [50.0, final], "train": [], "final": final,
+         "times": [1.0, 1.0], "angle": None, "machine": "here", "code": code}
+        for seed, final in enumerate(finals)]}
+
+
+def test_a_cifar100_row_is_fitted_against_its_own_chance_level(tmp_path):
+    """A curve below 10% keeps its own maximum as acc_max (10% is CIFAR-10's chance), also
+    in a settings folder inside the dataset's, and also when the folder is redrawn."""
+    runs = fake_runs("numpy", "DRTP", "", [7.4], code="cif100")
+    runs[("numpy", "DRTP", "")][0]["test"] = [3.0, 7.4]
+    for out in (tmp_path, tmp_path / "cifar100" / "drtp_settings"):
+        report.write_collection(out, runs, [], ["python sweep.py"])
+        folder = out / "cifar100"
+        for rows in (report.read_collection(folder)["rows"],
+                     report.redraw_collection(folder)):
+            assert rows[0]["acc_max"] == pytest.approx(7.4)
+            want = utils.compute_slowness([0.03, 0.074], 60, n_classes=100)["slowness"]
+            assert rows[0]["slowness"] == pytest.approx(want, abs=1e-4)
+
+
+def test_a_folder_collected_before_runs_csv_gets_one_with_what_it_holds(tmp_path):
+    report.write_collection(tmp_path, fake_runs("numpy", "FA", "", [98.0, 97.0]), [],
+                            ["python sweep.py"])
+    folder = tmp_path / "mnist"
+    (folder / "runs.csv").unlink()
+    report.redraw_collection(folder)
+    runs = report.read_runs_csv(folder / "runs.csv")
+    assert [(r["rule"], r["seed"], r["final_test_percent"], r["epochs"], r["machine"])
+            for r in runs] == [("FA", "0", "98.0000", "2", "here"),
+                               ("FA", "1", "97.0000", "2", "here")]
+    assert {r["commit"] for r in runs} == {r["command"] for r in runs} == {"not recorded"}
 
 
 def test_a_settings_folder_merges_into_its_dataset_table_and_figure(tmp_path):
