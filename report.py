@@ -34,6 +34,21 @@ def paper_value(code, path, rule):
     return paper.TABLE.get(code, {}).get(net_kind(path), {}).get(rule)
 
 
+def other_std(code, path, rule):
+    """The cell's std in another copy of the paper's table, or None."""
+    return paper.OTHER_STDS.get((code, net_kind(path), rule))
+
+
+def distance_text(mean, value, std_elsewhere=None):
+    """The distance to the paper's value in its std, and in the other copy's std when there
+    is one: '-1.7; -2.7 **(> 2)** with std 0.32'."""
+    text = format_distance((mean - value[0]) / value[1])
+    if std_elsewhere:
+        text += f"; {format_distance((mean - value[0]) / std_elsewhere)} with std " \
+                f"{std_elsewhere:.2f}"
+    return text
+
+
 # ------------------------------------------------------------------------------------------
 # One sweep's collection: table.md, curves.csv, test_curves.png, README.md
 # ------------------------------------------------------------------------------------------
@@ -82,6 +97,9 @@ def merge_into(out, new):
     curves = read_curves_csv(out / "curves.csv")
     code = dataset_of(out.resolve())
     fit_rows(rows, curves, DATASETS[code]["classes"] if code else None)
+    for row in rows:
+        row["other_std"] = code and other_std(code, row["path"], "ERIN" if row["rule"] ==
+                                              "PEPITA" else row["rule"])
     utils.write_text(out / "table.md", "".join(f"{n}\n\n" for n in notes)
                      + table_markdown(rows))
     write_runs_csv(out / "runs.csv", [run for run in earlier["runs"]
@@ -224,7 +242,8 @@ def table_markdown(rows):
              + ("---|" if with_angle else "")]
     for row in rows:
         paper = f"{row['paper'][0]:.2f} ± {row['paper'][1]:.2f}" if row["paper"] else "–"
-        distance = "–" if row["distance"] is None else format_distance(row["distance"])
+        distance = "–" if row["paper"] is None else distance_text(row["mean"], row["paper"],
+                                                                   row.get("other_std"))
         fit = (f"{row['slowness']:.4f} | {row['acc_max']:.2f}" if row["slowness"] is not None
                else "– | –")
         label = row["path"] + (f" {row['variant']}" if row["variant"] else "")
@@ -401,8 +420,8 @@ def parse_table_row(line, with_angle):
     mean, _, std = accuracy.partition(" ± ")
     path, _, variant = label.partition(" ")
 
-    def number(text):
-        return None if text == "–" else float(text.split()[0])
+    def number(text):  # the cell's first number: '-1.7; -2.8 **(> 2)** with std 0.32'
+        return None if text == "–" else float(re.match(r"[-+]?[0-9.]+", text).group())
 
     return {"rule": rule, "path": path, "variant": variant, "seeds": int(seeds),
             "mean": float(mean.split()[0]), "std": float(std) if std else 0.0,
@@ -505,8 +524,9 @@ def final_accuracies(folder):
     return finals
 
 
-def table_cell(entries, paper):
-    """A cell of the combined table: each measured setting, then the paper's value."""
+def table_cell(entries, paper, std_elsewhere=None):
+    """A cell of the combined table: each measured setting, then the paper's value (and the
+    std another copy gives)."""
     lines = []
     for (path, variant), values in entries:
         n = len(values)
@@ -516,11 +536,15 @@ def table_cell(entries, paper):
         text += f" {label}" if label else ""
         if paper:
             text += f", {format_distance((np.mean(values) - paper[0]) / paper[1])} std"
+        if paper and std_elsewhere:
+            text += (f" ({format_distance((np.mean(values) - paper[0]) / std_elsewhere)} "
+                     f"with the other copy's std)")
         lines.append(text)
     if not lines:
         lines.append("not run yet" if paper else "–")
     if paper:
-        lines.append(f"paper {paper[0]:.2f} ± {paper[1]:.2f}")
+        lines.append(f"paper {paper[0]:.2f} ± {paper[1]:.2f}"
+                     + (f" ({std_elsewhere:.2f} in another copy)" if std_elsewhere else ""))
     return "<br>".join(lines)
 
 
@@ -537,16 +561,18 @@ def combined_table(folder):
             entries = [((path, variant), list(values.values()))
                        for (c, r, path, variant), values in finals.items()
                        if c == code and r == rule and net_kind(path) == kind]
-            cells.append(table_cell(entries, paper.TABLE[code][kind].get(rule)))
+            cells.append(table_cell(entries, paper.TABLE[code][kind].get(rule),
+                                    paper.OTHER_STDS.get((code, kind, rule))))
         lines.append(f"| {utils.run_label(rule)} | " + " | ".join(cells) + " |")
     folders = sorted({p.parent.relative_to(folder).as_posix()
                       for p in Path(folder).glob("*/**/curves.csv")})
     text = (
         "# The paper's Table 1, measured here\n\n"
         "Test accuracy (%) after the runs' last epoch (100 for the paper's settings), mean ± "
-        "std over n seeds (numpy's np.std; one seed: n = 1), the distance to the paper in "
-        "units of the paper's std (marked beyond 2), and the paper's value "
-        "(`../shared/pepita-reference.md`, section 5). FC: one hidden layer of 1024 ReLU "
+        "std over n seeds (the population std, numpy's np.std with ddof 0; one seed: n = 1), "
+        "the distance to the paper in units of the paper's std (marked beyond 2), and the "
+        "paper's value (`../shared/pepita-reference.md`, section 5; where another copy of the "
+        "table gives another std, the distance in it too). FC: one hidden layer of 1024 ReLU "
         "units (the numpy path; on CIFAR PEPITA also the tutorial's net "
         "`NetFC1x1024DOcust_cif`, which the paper's number comes from); conv: "
         "`Net1conv1fcXL` (MNIST), `Net1conv1fcXL_cif` (CIFAR). A label names the net when a "
@@ -554,11 +580,11 @@ def combined_table(folder):
         + "\n".join(lines) + "\n\n"
         "CIFAR-10 ran on the JPEG copy of `../shared/data/cifar10` (lossy: results are close "
         "to, not identical with, the original CIFAR-10's); CIFAR-100 on the lossless copy of "
-        "`../shared/data/cifar100` (the official images and split, bit for bit). The paper "
-        "gives no CIFAR-100 value for FA and DRTP, nor any for ERINsign and DFA. Each "
-        "dataset's folder has its "
-        "table (with the machine and time per epoch of every row), curves, figure and the "
-        "commands: " + ", ".join(f"`{f}/`" for f in folders) + ".\n\n"
+        "`../shared/data/cifar100` (the official images and split, bit for bit). The paper's "
+        "CIFAR-100 values for FA and DRTP are not known here (the reference does not give "
+        "them); the paper has none for ERINsign and DFA. Each dataset's folder has its table "
+        "(with the machine and time per epoch of every row), curves, `runs.csv` (each run's "
+        "command, commit, date, machine, device and data digest), figure and the commands: " + ", ".join(f"`{f}/`" for f in folders) + ".\n\n"
         "Regenerate this file from those folders (in the repository root):\n\n"
         "```bash\npython sweep.py --combine\n```\n")
     utils.write_text(Path(folder) / "README.md", text)

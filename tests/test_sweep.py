@@ -411,6 +411,22 @@ def test_a_cifar100_row_is_fitted_against_its_own_chance_level(tmp_path):
             assert rows[0]["slowness"] == pytest.approx(want, abs=1e-4)
 
 
+def test_a_cell_with_two_published_stds_is_judged_against_both(tmp_path):
+    """BP FC CIFAR-10: 55.27 ± 0.52 in one copy of the paper's table, ± 0.32 in another."""
+    report.write_collection(tmp_path, fake_runs("numpy", "BP", "", [54.39], code="cif"), [],
+                            ["python sweep.py"])
+    for rows in (report.read_collection(tmp_path / "cifar10")["rows"],
+                 report.redraw_collection(tmp_path / "cifar10")):
+        assert rows[0]["distance"] == pytest.approx(-1.7)
+    line = next(line for line in (tmp_path / "cifar10" / "table.md").read_text().splitlines()
+                if line.startswith("| BP"))
+    assert "| -1.7; -2.8 **(> 2)** with std 0.32 |" in line
+    lines = report.combined_table(tmp_path)
+    cell = next(line for line in lines if line.startswith("| BP")).split(" | ")[2]
+    assert cell == ("**54.39 (n = 1)**, -1.7 std (-2.8 **(> 2)** with the other copy's std)"
+                    "<br>paper 55.27 ± 0.52 (0.32 in another copy)")
+
+
 def test_a_folder_collected_before_runs_csv_gets_one_with_what_it_holds(tmp_path):
     report.write_collection(tmp_path, fake_runs("numpy", "FA", "", [98.0, 97.0]), [],
                             ["python sweep.py"])
