@@ -19,7 +19,6 @@ if __name__ == "__main__":  # a signal while torch loads (seconds): one line, no
 
 import argparse  # noqa: E402
 import errno  # noqa: E402
-import functools  # noqa: E402
 import logging  # noqa: E402
 import pickle  # noqa: E402
 import time  # noqa: E402
@@ -208,22 +207,26 @@ def to_tensors(arrays, device, n_samples="all", data_rng=None):
 
 @torch.no_grad()
 def accuracy(model, x, y, chunk=250):  # small chunks stay in the CPU's caches
-    """Test accuracy in percent."""
-    return 100 * utils.accuracy(lambda batch: model(batch)[0], x, y, chunk)
+    """Test accuracy in percent, with dropout off."""
+    model.eval()
+    try:
+        return 100 * utils.accuracy(model, x, y, chunk)
+    finally:
+        model.train()
 
 
 # ------------------------------------------------------------------------------------------
 # One epoch
 # ------------------------------------------------------------------------------------------
-def train_epoch(args, model, optimizer, feedback, data, generators, n_classes, epoch,
-                progress, where):
+def train_epoch(args, model, rule, optimizer, feedback, data, shuffle_gen, epoch, progress,
+                where):
     """One pass over the shuffled training set; returns the mean training loss (the
-    cross-entropy of the first pass's output for PEPITA). With --mirror, the B_l are
-    mirrored after each batch's step in the mirroring epochs; during the first --pre_mirror
-    epochs the forward weights are not trained."""
+    cross-entropy of the logits, of the first pass for PEPITA). rule: the pepita.PEPITA of
+    the run, None for BP. With --mirror, the B_l are mirrored after each batch's step in the
+    mirroring epochs; during the first --pre_mirror epochs the forward weights are not
+    trained."""
     x_train, y_train = data
-    cpu_gen, device_gen = generators
-    order = torch.randperm(len(x_train), generator=cpu_gen).to(x_train.device)
+    order = torch.randperm(len(x_train), generator=shuffle_gen).to(x_train.device)
     train_forward = not (args.mirror and epoch < args.pre_mirror)
     mirror_now = args.mirror and (not train_forward or (epoch + 1) % args.mirror_every == 0)
     # the follow-up's trainer takes time_local's clean-pass step before it checks pre-mirroring
@@ -235,33 +238,23 @@ def train_epoch(args, model, optimizer, feedback, data, generators, n_classes, e
     for batch, start in enumerate(range(0, n_used, args.batch_size), start=1):
         idx = order[start:start + args.batch_size]
         x, y = x_train[idx], y_train[idx]
-        masks = models.draw_masks(model, device_gen, len(idx), args.dropout, x.device)
-        if args.learn_type == "BP":
-            logits = model(x, masks, logits=True)[0]
-            loss = F.cross_entropy(logits, y)
+        if rule is None:  # BP
+            logits = model(x)
             optimizer.zero_grad()
-            loss.backward()
+            F.cross_entropy(logits, y).backward()
             optimizer.step()
+        elif clean_step_only:
+            logits = rule.clean_step(x, y, optimizer)
+        elif train_forward:
+            logits = rule.step(x, y, optimizer)
         else:
-            target = F.one_hot(y, n_classes).to(x.dtype)
-            if not (train_forward or clean_step_only):
-                with torch.no_grad():
-                    output = model(x, masks)[0]
-            elif args.pepita_mode == "published":
-                output = models.pepita_step(model, optimizer, x, target, feedback.F, masks,
-                                            args.batch_size, args.sqrt_conv)
-            else:
-                new_masks = functools.partial(models.draw_masks, model, device_gen, len(idx),
-                                              args.dropout, x.device)
-                output = models.followup_step(model, optimizer, x, target, feedback.F, masks,
-                                              args.pepita_mode, args.batch_size, new_masks,
-                                              clean_step_only)
-            if mirror_now:
-                models.mirror_feedback(model, feedback, device_gen, args.batch_size,
-                                       args.dropout, args.mirror_lr, args.mirror_wd,
-                                       models.feedback_sd(x[0].numel(), args.Bstd))
-            loss = F.nll_loss(torch.log(output), y)
-        loss = float(loss.detach())
+            logits = rule.logits(x)
+        if mirror_now:
+            models.mirror_feedback(model, feedback, rule.generator, args.batch_size,
+                                   args.dropout, args.mirror_lr, args.mirror_wd,
+                                   models.feedback_sd(x[0].numel(), args.Bstd))
+            rule.set_B(feedback.B)
+        loss = float(F.cross_entropy(logits.detach(), y))
         utils.check_finite(loss, f"{where}, batch {batch}", args.eta)
         total_loss += loss * len(idx)
         progress.update(len(idx))
@@ -302,6 +295,8 @@ def load_torch(path):
 
 PROTOCOL_KEYS = ("run", "epoch", "settings", "history", "data")
 UNDER_WAY_KEYS = ("model", "B", "optimizer", "generators")
+# torch's own generators, which BP's dropout draws from (PEPITA's masks come from the run's)
+TORCH_RNG_KEY = "torch_rng"
 
 
 def save_checkpoint(path, contents):
@@ -324,7 +319,7 @@ def load_checkpoint(path):
 def feedback_state(feedback):
     """B (= F) as published, and the per-layer B_l when there are several (with mirroring
     they change during training: they are state)."""
-    state = {"B": feedback.F}
+    state = {"B": feedback.B}
     if feedback.per_layer:
         state["B_layers"] = feedback.matrices
     return state
@@ -334,16 +329,28 @@ def payload(model, optimizer, feedback, generators):
     """Everything an exact resume in the middle of a run needs, after an epoch."""
     return {"model": model.state_dict(), **feedback_state(feedback),
             "optimizer": optimizer.state_dict(),
-            "generators": [g.get_state() for g in generators]}
+            "generators": [g.get_state() for g in generators],
+            TORCH_RNG_KEY: torch_rng_states(generators[1].device)}
+
+
+def torch_rng_states(device):
+    states = [torch.get_rng_state()]
+    return states + [torch.cuda.get_rng_state(device)] if device.type == "cuda" else states
 
 
 def restore(path, saved, model, optimizer, generators, device):
-    """Load a run under way (a payload) in place; returns its feedback."""
+    """Load a run under way (a payload) in place; returns its feedback. A checkpoint of the
+    nets' layout before they were nn.Sequentials loads too (models.load_weights)."""
     try:
-        model.load_state_dict(saved["model"])
+        models.load_weights(model, saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         for g, g_state in zip(generators, saved["generators"]):
             g.set_state(g_state)
+        torch_states = saved.get(TORCH_RNG_KEY, [])
+        if torch_states:
+            torch.set_rng_state(torch_states[0])
+        if len(torch_states) > 1:
+            torch.cuda.set_rng_state(torch_states[1], device)
         matrices = saved.get("B_layers", [saved["B"]])
         return models.Feedback([B.to(device) for B in matrices])
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
@@ -447,27 +454,28 @@ def train_run(args, run, r, under_way, run_seq, data, n_classes, code, device):
     x_train, y_train, x_test, y_test = data
     init_seed, cpu_seed, device_seed = run_seq.generate_state(3)
     torch.manual_seed(int(init_seed))
-    model = models.build_model(args.model, x_train.shape[1:], n_classes, args.w_init,
-                               np.random.default_rng(int(init_seed)),
-                               hidden=args.fc_hidden).to(device)
-    if args.normalize != "none":
-        model.normalize = args.normalize
+    model = models.build_model(
+        args.model, x_train.shape[1:], n_classes, args.w_init,
+        np.random.default_rng(int(init_seed)), hidden=args.fc_hidden, keep=args.dropout,
+        normalize=None if args.normalize == "none" else args.normalize).to(device)
     generators = (torch.Generator().manual_seed(int(cpu_seed)),
                   torch.Generator(device).manual_seed(int(device_seed)))
     if args.feedback == "normal":
-        feedback = models.normal_feedback(generators[1], model.sizes, args.Bstd, device)
+        feedback = models.normal_feedback(generators[1], models.layer_sizes(model), args.Bstd,
+                                          device)
     else:
         feedback = models.Feedback([pepita.projection_matrix(
             generators[1], x_train[0].numel(), n_classes, args.Bstd, args.B_mean_zero,
             device)])
-    params = [layer.weight for layer in model.layers
-              if not (args.freeze_conv and layer is getattr(model, "conv", None))]
     if args.freeze_conv:
-        model.conv.weight.requires_grad_(False)
+        model[0].weight.requires_grad_(False)
+    params = [layer.weight for layer in models.weight_layers(model)
+              if layer.weight.requires_grad]
     optimizer = models.make_optimizer(args.update_type, args.learn_type, params, args.eta,
                                       args.weight_decay, args.pepita_mode)
     first_epoch = 0
     if under_way:
+        check_resumable(args, run.checkpoint, under_way["payload"])
         feedback = restore(run.checkpoint, under_way["payload"], model, optimizer,
                            generators, device)
         first_epoch = under_way["epoch"] + 1
@@ -475,6 +483,8 @@ def train_run(args, run, r, under_way, run_seq, data, n_classes, code, device):
         for key in ("loss", "test", "angles", "norms", "alignment", "epoch_time_s"):
             history[key].append([])
         record_alignment(args, history, model, feedback)
+    rule = None if args.learn_type == "BP" else build_rule(
+        args, model, feedback, generators[1], n_classes, tuple(x_train.shape[1:]))
     for epoch in range(first_epoch, args.train_epochs):
         tic = time.perf_counter()
         if epoch in decay_epochs(args, code):
@@ -484,9 +494,8 @@ def train_run(args, run, r, under_way, run_seq, data, n_classes, code, device):
                   optimizer.param_groups[0]["lr"])
         with tqdm(total=len(x_train), desc=f"run {r} epoch {epoch + 1}", leave=False,
                   disable=None) as progress:
-            loss = train_epoch(args, model, optimizer, feedback, (x_train, y_train),
-                               generators, n_classes, epoch, progress,
-                               f"run {r} epoch {epoch + 1}")
+            loss = train_epoch(args, model, rule, optimizer, feedback, (x_train, y_train),
+                               generators[0], epoch, progress, f"run {r} epoch {epoch + 1}")
         test_acc = accuracy(model, x_test, y_test)
         history["loss"][r].append(loss)
         history["test"][r].append(test_acc)
@@ -500,14 +509,36 @@ def train_run(args, run, r, under_way, run_seq, data, n_classes, code, device):
     run.run_done(r)
 
 
+def build_rule(args, model, feedback, generator, n_classes, input_shape):
+    """The run's pepita.PEPITA: its B and masks from the run's generator, every update
+    divided by the nominal --batch_size (as published, a last partial batch too); the conv
+    nets with the published conv update and first-error last layer. The labels were checked
+    when the data was loaded (no read from the device per step)."""
+    conv = {} if args.model.startswith("NetFC") else dict(
+        last_error="first", conv_update="published", sqrt_conv=args.sqrt_conv)
+    return pepita.PEPITA(model, n_classes, input_shape, B=feedback.B, generator=generator,
+                         mode=args.pepita_mode, batch_size=args.batch_size,
+                         check_labels=False, **conv)
+
+
+def check_resumable(args, path, saved):
+    """A checkpoint of a version whose BP drew its dropout masks from the run's generator
+    (it holds no torch generator state) cannot resume a BP run with dropout exactly."""
+    if TORCH_RNG_KEY not in saved and args.learn_type == "BP" and args.dropout < 1 \
+            and args.model.startswith("NetFC"):
+        raise UsageError(f"{path} was written by an earlier version, whose BP drew its "
+                         "dropout masks from the run's generator (this one draws them from "
+                         "torch's): it cannot resume exactly; start again with --overwrite")
+
+
 def record_alignment(args, history, model, feedback):
     """--check_cos_norm's published angles file (the angle between F and the forward
     weights' product, and ||W_1||), and the follow-up's logs of ERIN with a fully connected
     model (before training and after every epoch)."""
     if args.check_cos_norm:
-        history["angles"][-1].append(models.alignment_angle(model, feedback.F))
-        history["norms"][-1].append(float(model.layers[0].weight.detach().norm()))
-    if args.learn_type == "ERIN" and isinstance(model, models.FCNet):
+        history["angles"][-1].append(models.alignment_angle(model, feedback.B))
+        history["norms"][-1].append(float(models.weight_layers(model)[0].weight.detach().norm()))
+    if args.learn_type == "ERIN" and args.model.startswith("NetFC"):
         history["alignment"][-1].append(models.alignment(model, feedback))
 
 

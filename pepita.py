@@ -10,17 +10,17 @@
 
 The model: an nn.Sequential (nested ones too) of nn.Linear and nn.Conv2d layers (with or
 without bias, any padding and padding mode), element-wise activations (in-place ones too),
-max and average pooling, nn.Flatten and nn.Dropout, returning logits; a module may appear at
-several places (tied weights take the sum of their places' updates). One step (Dellaferrera &
-Kreiman, ICML 2022):
+max and average pooling, nn.Flatten, nn.Dropout and pepita.Normalize, returning logits; a
+module may appear at several places (tied weights take the sum of their places' updates).
+One step (Dellaferrera & Kreiman, ICML 2022):
 
     pass 1   on x:              h_l, e = softmax(logits) - onehot(y)
     pass 2   on x' = x + e B^T:  h'_l, a'_l (each weight layer's input), e'
     hidden layer l:  g_l = (h_l - h'_l)^T a'_l / batch
     last layer:      g_L = e'^T a'_L / batch
 
-h_l is the layer's output after the element-wise modules right after it (its activation and
-dropout; the layer's own output if none follows). A conv layer takes the same rule: g is the
+h_l is the layer's output after the modules right after it that act on it alone (its
+activation, dropout and normalization; the layer's own output if none follows). A conv layer takes the same rule: g is the
 correlation of a' (padded as the layer pads) with (h - h'). The last weight layer may be
 followed only by element-wise modules and nn.Flatten: its error is e reshaped to its output.
 Biases take the rule with an input of ones. `step` writes g into each parameter's .grad and
@@ -36,8 +36,19 @@ and forward hooks (step runs the layers itself, so hooks would not fire as in mo
 Options: `last_error="first"` uses e for the last layer (the published conv net does);
 `conv_update="published"` is the published conv net's update (opposite sign, divided again by
 the output positions and the batch size; `sqrt_conv` divides by their square root instead);
-`mode` "modulated", "forward" or "mixed" are the follow-up's update modes (Srinivasan et al.,
-ICLR 2024), with its sign x' = x - e F^T.
+`mode` "modulated", "forward", "mixed" or "time_local" are the follow-up's update modes
+(Srinivasan et al., ICLR 2024), with its sign x' = x - e B^T (time_local: two optimizer steps
+a batch, so `step` takes the optimizer); `batch_size` divides every update by a nominal batch
+size (the published code's, also for a last partial batch) instead of the batch's own;
+`Normalize` is the follow-up's activation normalization, as a module of the model.
+
+`step(x, y, optimizer)` takes the whole step itself: an optimizer with `step_factors` (as
+the paper's published momentum, models.PublishedMomentum) gets each update as factor pairs
+(delta, input) with g = delta^T input and never forms g; any other gets g in .grad and its
+step() called. A first nn.Linear on the flattened input shares one product between the two
+passes (W_1 x' = W_1 x + (W_1 B) e); a Conv2d with stride 1, no dilation and one group runs
+as one product with its patch columns, which its update reuses; a 2x2 max-pooling of even
+maps is the maximum of strided views. The values are those of the plain modules, to rounding.
 """
 import math
 import operator
@@ -54,12 +65,36 @@ ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GEL
                nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout)
 RESHAPING = (nn.MaxPool2d, nn.AvgPool2d, nn.Flatten)
 WEIGHTED = (nn.Linear, nn.Conv2d)
-ACCEPTED = (*WEIGHTED, *ELEMENTWISE, *RESHAPING)
-MODES = ("published", "modulated", "forward", "mixed")
+MODES = ("published", "modulated", "forward", "mixed", "time_local")
 LAST_ERRORS = ("modulated", "first")
 CONV_UPDATES = ("rule", "published")
 WHAT_IT_TAKES = ("it takes nn.Linear, nn.Conv2d, element-wise activations, pooling, "
-                 "nn.Flatten and nn.Dropout in an nn.Sequential")
+                 "nn.Flatten, nn.Dropout and pepita.Normalize in an nn.Sequential")
+
+
+class Normalize(nn.Module):
+    """The follow-up's activation normalization: h / ||h|| over the whole batch ("batch", one
+    scalar per batch: a sample's output depends on its batch) or over each sample
+    ("sample"); an all-zero h stays zero. PEPITA reads a layer's h after it."""
+
+    def __init__(self, over="batch"):
+        super().__init__()
+        self.over = _choice("over", over, ("batch", "sample"))
+
+    def forward(self, h):
+        if self.over == "batch":
+            norm = h.norm()
+        else:
+            norm = h.flatten(1).norm(dim=1).view(-1, *[1] * (h.dim() - 1))
+        return h / norm.clamp_min(1e-12)
+
+    def extra_repr(self):
+        return f"over={self.over!r}"
+
+
+# what follows a weight layer and belongs to its h (see PEPITA._activation_end)
+AFTER_LAYER = (*ELEMENTWISE, Normalize)
+ACCEPTED = (*WEIGHTED, *AFTER_LAYER, *RESHAPING)
 
 
 def projection_matrix(generator, n_in, n_out, b_std=0.05, mean_zero=True, device="cpu"):
@@ -161,11 +196,12 @@ class PEPITA:
     B and the dropout masks; without either, the seed is drawn from torch's global
     generator (as a DataLoader draws its base seed), so torch.manual_seed makes the rule
     reproducible. B follows the model to another dtype or device; the masks are drawn where
-    the generator is (the model's device when the rule was built)."""
+    the generator is (the model's device when the rule was built). batch_size: a nominal
+    batch size that divides every update (default: each batch's own size)."""
 
     def __init__(self, model, n_classes, input_shape, Bstd=None, *, B_mean_zero=None, seed=None,
                  generator=None, B=None, mode="published", last_error=None,
-                 conv_update="rule", sqrt_conv=False, check_labels=True):
+                 conv_update="rule", sqrt_conv=False, batch_size=None, check_labels=True):
         _check_options(Bstd, B_mean_zero, seed, generator, B, mode, last_error, conv_update,
                        sqrt_conv)
         self.model = model
@@ -177,6 +213,8 @@ class PEPITA:
         self.mode = mode
         self.last_error = last_error or "modulated"
         self.conv_update, self.sqrt_conv = conv_update, bool(sqrt_conv)
+        self.batch_size = None if batch_size is None else _positive_int("batch_size",
+                                                                        batch_size)
         self.check_labels = check_labels
         self.weighted = [i for i, m in enumerate(self.layers) if isinstance(m, WEIGHTED)]
         self.first, self.last = self.weighted[0], self.weighted[-1]
@@ -185,6 +223,16 @@ class PEPITA:
         self.ends = {end: i for i, end in self.read_at.items()}
         self.inplace = {i for i, m in enumerate(self.layers)
                         if getattr(m, "inplace", False) and not isinstance(m, nn.Dropout)}
+        # a conv layer run as one product with its patch columns (the update reuses them)
+        self.by_columns = {i for i in self.weighted if isinstance(self.layers[i], nn.Conv2d)
+                           and self.layers[i].stride == (1, 1)
+                           and self.layers[i].dilation == (1, 1) and self.layers[i].groups == 1}
+        self.mask_shapes, self.last_shape, self.linear_first, self.pool_2x2 = self._probe()
+        # a ReLU right after a weight layer's output that nothing else holds runs in place
+        # (not after a first Linear whose output the second pass reuses)
+        fresh = {i for i in self.weighted if not (i == self.first and self.linear_first)}
+        self.relu_in_place = {i for i in range(1, len(self.layers))
+                              if type(self.layers[i]) is nn.ReLU and i - 1 in fresh}
         weight = self.layers[self.first].weight
         if generator is None:
             if seed is None:  # one draw from the global generator, which it does not reseed
@@ -196,14 +244,13 @@ class PEPITA:
             B = projection_matrix(generator, n_features, self.n_classes,
                                   0.05 if Bstd is None else Bstd,
                                   True if B_mean_zero is None else B_mean_zero, weight.device)
-        self._set_B(B)
-        self.mask_shapes, self.last_shape, self.linear_first = self._probe()
+        self.set_B(B)
 
     def _check_after_last(self, leaves):
         """After the last weight layer: element-wise modules and nn.Flatten only, so that its
         error is the output's, reshaped."""
         for index in range(self.last + 1, len(self.layers)):
-            if not isinstance(self.layers[index], (*ELEMENTWISE, nn.Flatten)):
+            if not isinstance(self.layers[index], (*AFTER_LAYER, nn.Flatten)):
                 name, module = leaves[index]
                 raise TypeError(f"pepita.PEPITA cannot train layer {index} ({name}: "
                                 f"{type(module).__name__}) after the last weight layer: the "
@@ -212,13 +259,15 @@ class PEPITA:
                                 "follow it")
 
     def _activation_end(self, index):
-        """Where layer index's h is read: after the element-wise modules that follow it."""
+        """Where layer index's h is read: after the modules that follow it and act on its
+        output alone (activations, dropout, normalization)."""
         end = index
-        while end + 1 < len(self.layers) and isinstance(self.layers[end + 1], ELEMENTWISE):
+        while end + 1 < len(self.layers) and isinstance(self.layers[end + 1], AFTER_LAYER):
             end += 1
         return end
 
-    def _set_B(self, B):
+    def set_B(self, B):
+        """A new projection B (input features x classes), e.g. after weight mirroring."""
         n_features = math.prod(self.input_shape)
         if not isinstance(B, torch.Tensor) or tuple(B.shape) != (n_features, self.n_classes):
             shape = tuple(B.shape) if isinstance(B, torch.Tensor) else type(B).__name__
@@ -232,15 +281,17 @@ class PEPITA:
     def _probe(self):
         """One pass on two zero samples: checks that input_shape fits the model and n_classes
         its output; gives each dropout's mask shape (per sample), the last weight layer's
-        output shape, and whether the first weight layer is an nn.Linear on the flattened
-        input (then linear in it: see _first_layer)."""
+        output shape, whether the first weight layer is an nn.Linear on the flattened input
+        (then linear in it: see _first_layer), and the 2x2 max-poolings of even maps."""
         weight = self.layers[self.first].weight
         x = torch.zeros(2, *self.input_shape, device=weight.device, dtype=weight.dtype)
-        mask_shapes, flat_first, last_shape = {}, False, None
+        mask_shapes, flat_first, last_shape, pool_2x2 = {}, False, None, set()
         for index, module in enumerate(self.layers):
             if index == self.first:
                 flat_first = isinstance(module, nn.Linear) and x.dim() == 2 and all(
                     isinstance(m, nn.Flatten) for m in self.layers[:index])
+            if isinstance(module, nn.MaxPool2d) and _is_2x2(module, x):
+                pool_2x2.add(index)
             if isinstance(module, nn.Dropout):  # not run: it would draw from torch's generator
                 mask_shapes[index] = tuple(x.shape[1:])
                 continue
@@ -254,7 +305,7 @@ class PEPITA:
         if tuple(x.shape) != (2, self.n_classes):
             raise ValueError(f"the model's output for one sample has shape "
                              f"{tuple(x.shape[1:])}; expected ({self.n_classes},) logits")
-        return mask_shapes, last_shape, flat_first
+        return mask_shapes, last_shape, flat_first, pool_2x2
 
     # --- the rule's state ---------------------------------------------------------------------
     def state_dict(self):
@@ -263,7 +314,7 @@ class PEPITA:
         return {"B": self._B_source.clone(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self._set_B(state["B"])
+        self.set_B(state["B"])
         try:
             self.generator.set_state(state["generator"])
         except RuntimeError as err:
@@ -272,22 +323,41 @@ class PEPITA:
                              ) from None
 
     # --- one step -----------------------------------------------------------------------------
-    def step(self, x, y):
-        """Two forward passes; writes each parameter's PEPITA gradient into .grad (added to
-        what .grad holds, as backward() does). Returns the first pass's logits."""
-        check_no_hooks(self.model)
-        self._follow_model()
-        self._check(x, y)
+    def step(self, x, y, optimizer=None):
+        """Two forward passes and the update; returns the first pass's logits. Without an
+        optimizer: each parameter's gradient added into .grad (as backward() does), no weight
+        changed. With one: the whole step through it (factor pairs to an optimizer with
+        step_factors, else .grad set and optimizer.step()); time_local needs it (two steps)."""
+        self._ready(x, y)
+        if self.mode == "time_local" and optimizer is None:
+            raise ValueError("pepita.PEPITA.step: mode='time_local' takes two optimizer steps "
+                             "a batch: call step(x, y, optimizer)")
         # inside torch.inference_mode the gradients would be inference tensors, which a later
         # step outside it could not add to
         with torch.inference_mode(False):
-            masks = self.draw_masks(len(x))
-            logits, grads = self.compute(x, y, masks)
-            with torch.no_grad():
-                for param, grad in grads:
-                    if param.requires_grad:
-                        param.grad = grad if param.grad is None else param.grad.add_(grad)
+            if self.mode == "time_local":
+                return self._time_local_step(x, y, optimizer)
+            logits, updates = self.factors(x, y, self.draw_masks(len(x)))
+            apply_updates(updates, optimizer)
         return logits
+
+    def clean_step(self, x, y, optimizer):
+        """time_local's first half alone (the clean pass and its step): the follow-up's
+        trainer takes it in the epochs where the forward weights are otherwise not trained."""
+        self._ready(x, y)
+        with torch.inference_mode(False):
+            return self._time_local_step(x, y, optimizer, clean_only=True)
+
+    @torch.no_grad()
+    def logits(self, x):
+        """The first pass's logits without an update, its masks drawn as a step draws them
+        (so that a loop that skips updates keeps the masks of the later steps)."""
+        return self.forward(x, self.draw_masks(len(x)))[0]
+
+    def _ready(self, x, y):
+        check_no_hooks(self.model)
+        self._follow_model()
+        self._check(x, y)
 
     def _follow_model(self):
         """B on the model's dtype and device, were it moved after the rule was built."""
@@ -317,29 +387,61 @@ class PEPITA:
             masks[index] = ((u < keep).to(self.B.dtype) / keep).to(self.B.device)
         return masks
 
+    # --- the update ---------------------------------------------------------------------------
     @torch.no_grad()
     def compute(self, x, y, masks):
-        """(first pass's logits, [(parameter, gradient)]): no host synchronisation, so that
-        torch.compile can capture it whole."""
+        """(first pass's logits, [(parameter, gradient)]) of a step with these masks."""
+        logits, updates = self.factors(x, y, masks)
+        return logits, [(param, form_gradient(param, terms)) for param, terms in updates]
+
+    @torch.no_grad()
+    def factors(self, x, y, masks):
+        """(first pass's logits, [(parameter, terms)]): each parameter's update g is the sum
+        of its terms, a pair (D, X) standing for D^T X (reshaped to the parameter) or a
+        tensor. No host synchronisation, so that torch.compile can capture it whole."""
         target = F.one_hot(y.long(), self.n_classes).to(x.dtype)
         first_out, W1_B = self._first_layer(x)
         logits, inputs, outputs = self.forward(x, masks, first_out)
         e = F.softmax(logits, dim=1) - target
-        sign = 1 if self.mode == "published" else -1  # the follow-up's x' = x - e F^T
+        sign = 1 if self.mode == "published" else -1  # the follow-up's x' = x - e B^T
         x_mod = x + sign * (e @ self.B.T).view_as(x)
         # W_1 x' = W_1 x + (W_1 B) e: a product with the small W_1 B instead of the batch
         first_mod = None if W1_B is None else first_out + sign * (e @ W1_B)
         logits_mod, inputs_mod, outputs_mod = self.forward(x_mod, masks, first_mod)
         e_mod = F.softmax(logits_mod, dim=1) - target
-        grads = []
+        updates = []
         for index in self.weighted:
             if index == self.last:
                 pairs = self._last_pairs(e, e_mod, inputs, inputs_mod, target, logits)
             else:
                 pairs = self._hidden_pairs(outputs[index], outputs_mod[index], inputs[index],
                                            inputs_mod[index])
-            grads += self._layer_grads(self.layers[index], pairs, len(x), index == self.last)
-        return logits, grads
+            updates += self._layer_terms(index, pairs, len(x))
+        return logits, updates
+
+    def _time_local_step(self, x, y, optimizer, clean_only=False):
+        """The follow-up's PEPITA-TL: a step after the clean pass (h_l^T h_{l-1}, y^T
+        h_{L-1}, y the softmax), then the modulated pass x' = x - e B^T with the updated
+        weights and fresh masks, and a second step (-h'_l^T h'_{l-1}, -t^T h'_{L-1})."""
+        with torch.no_grad():
+            target = F.one_hot(y.long(), self.n_classes).to(x.dtype)
+            logits, inputs, outputs = self.forward(x, self.draw_masks(len(x)))
+            output = F.softmax(logits, dim=1)
+            x_mod = x - ((output - target) @ self.B.T).view_as(x)
+            apply_updates(self._local_terms(inputs, outputs, output, len(x)), optimizer)
+            if not clean_only:
+                _, inputs, outputs = self.forward(x_mod, self.draw_masks(len(x)))
+                apply_updates(self._local_terms(inputs, outputs, -target, len(x), -1),
+                              optimizer)
+        return logits
+
+    def _local_terms(self, inputs, outputs, last_delta, batch, sign=1):
+        updates = []
+        for index in self.weighted:
+            delta = (last_delta.view(len(last_delta), *self.last_shape) if index == self.last
+                     else sign * outputs[index])
+            updates += self._layer_terms(index, [(delta, inputs[index])], batch)
+        return updates
 
     def _first_layer(self, x):
         """With a first nn.Linear on the flattened input: its output on x and (W_1 B)^T from
@@ -354,15 +456,22 @@ class PEPITA:
         return out, products[:, n:].T
 
     def forward(self, x, masks, first_out=None):
-        """Logits, and per weight layer its input and its h (see _activation_end);
-        first_out: the first weight layer's output, when known. An in-place module runs on
-        a copy, so that no tensor kept for the update (nor x) is overwritten."""
+        """Logits, and per weight layer its input (its patch columns for a conv run by
+        columns) and its h (see _activation_end); first_out: the first weight layer's
+        output, when known. An in-place module runs on a copy, so that no tensor kept for
+        the update (nor x) is overwritten."""
         inputs, outputs = {}, {}
         for index, module in enumerate(self.layers):
             if index in self.read_at:
                 inputs[index] = x
             if first_out is not None and index == self.first:
                 x = first_out
+            elif index in self.by_columns:
+                x, inputs[index] = conv_by_columns(module, x)
+            elif index in self.pool_2x2:
+                x = max_pool_2x2(x)
+            elif index in self.relu_in_place:
+                x = x.relu_()
             elif isinstance(module, nn.Dropout):
                 x = x * masks[index] if index in masks else x
             elif index in self.inplace:
@@ -374,7 +483,7 @@ class PEPITA:
         return x, inputs, outputs
 
     def _hidden_pairs(self, h, h_mod, a, a_mod):
-        """A hidden layer's gradient as (delta, input) pairs, g = sum of delta (x) input."""
+        """A hidden layer's update as (delta, input) pairs, g = sum of delta (x) input."""
         if self.mode == "forward":
             return [(h - h_mod, a)]
         if self.mode == "mixed":  # Hebbian on the clean pass, anti-Hebbian on the modulated
@@ -394,28 +503,35 @@ class PEPITA:
         error = e_mod if self.mode == "published" and self.last_error == "modulated" else e
         return [(shaped(error), a_mod)]
 
-    def _layer_grads(self, layer, pairs, batch, is_last):
-        """[(weight, g), (bias, g)] of one layer from its (delta, input) pairs; the scale
-        goes on the small delta, not on the weight-sized product."""
-        scale = 1 / batch
-        if isinstance(layer, nn.Conv2d) and not is_last and self.conv_update == "published":
+    def _layer_terms(self, index, pairs, batch):
+        """[(weight, terms), (bias, terms)] of the layer at index from its (delta, input)
+        pairs; the scale goes on the small delta, not on the weight-sized product."""
+        layer = self.layers[index]
+        divisor = self.batch_size or batch
+        scale = 1 / divisor
+        if isinstance(layer, nn.Conv2d) and index != self.last \
+                and self.conv_update == "published":
             positions = pairs[0][0][0, 0].numel()
-            scale = -1 / (batch * batch * (math.sqrt(positions) if self.sqrt_conv
-                                           else positions))
-        weight_grad = bias_grad = None
+            scale = -1 / (batch * divisor * (math.sqrt(positions) if self.sqrt_conv
+                                             else positions))
+        weight_terms, bias_terms = [], []
         for delta, a in pairs:
             delta = delta * scale
-            if isinstance(layer, nn.Conv2d):
-                weight, bias = conv_weight_grad(layer, a, delta), delta.sum((0, 2, 3))
+            if index in self.by_columns:  # a holds the patch columns (C k k, N positions)
+                maps = delta.transpose(0, 1).reshape(delta.shape[1], -1)
+                weight_terms.append((maps.T, a.T))
+                bias_terms.append(maps.sum(1))
+            elif isinstance(layer, nn.Conv2d):
+                weight_terms.append(conv_weight_grad(layer, a, delta))
+                bias_terms.append(delta.sum((0, 2, 3)))
             else:
                 delta = delta.reshape(-1, delta.shape[-1])
-                weight, bias = delta.T @ a.reshape(-1, a.shape[-1]), delta.sum(0)
-            weight_grad = weight if weight_grad is None else weight_grad.add_(weight)
-            bias_grad = bias if bias_grad is None else bias_grad.add_(bias)
-        grads = [(layer.weight, weight_grad)]
+                weight_terms.append((delta, a.reshape(-1, a.shape[-1])))
+                bias_terms.append(delta.sum(0))
+        updates = [(layer.weight, weight_terms)]
         if layer.bias is not None:
-            grads.append((layer.bias, bias_grad))
-        return grads
+            updates.append((layer.bias, bias_terms))
+        return updates
 
     def _check(self, x, y):
         weight = self.layers[self.first].weight
@@ -445,6 +561,85 @@ class PEPITA:
         if self.check_labels and bool(((y < 0) | (y >= self.n_classes)).any()):
             raise ValueError(f"pepita.PEPITA.step: labels from {int(y.min())} to "
                              f"{int(y.max())}; expected 0..{self.n_classes - 1}")
+
+
+def apply_updates(updates, optimizer=None):
+    """updates ([(parameter, terms)], see PEPITA.factors) into .grad (added), or through the
+    optimizer: as factor pairs to one with step_factors, else as .grad and its step()."""
+    updates = [(param, terms) for param, terms in updates if param.requires_grad]
+    if optimizer is not None and hasattr(optimizer, "step_factors"):
+        optimizer.step_factors(updates)
+        return
+    with torch.no_grad():
+        for param, terms in updates:
+            grad = form_gradient(param, terms)
+            if optimizer is not None or param.grad is None:
+                param.grad = grad
+            else:
+                param.grad.add_(grad)
+    if optimizer is not None:
+        optimizer.step()
+
+
+def form_gradient(param, terms):
+    """g of one parameter from its terms: (D, X) pairs as D^T X, and tensors as they are."""
+    grad = None
+    for term in terms:
+        part = (term[0].T @ term[1]).view_as(param) if isinstance(term, tuple) else term
+        grad = part if grad is None else grad.add_(part)
+    return grad
+
+
+# ------------------------------------------------------------------------------------------
+# Fast paths: the same values as the modules, in fewer passes over memory
+# ------------------------------------------------------------------------------------------
+def patch_columns(x, kernel_size):
+    """Every kernel-sized patch of x (N, C, H, W) as a column, rows in the order of
+    conv.weight.flatten(1): (C * k_h * k_w, N * positions). A strided view, copied once (in
+    this order the copy runs along image rows: much faster than patches as rows)."""
+    k_h, k_w = kernel_size
+    n, c, h, w = x.shape
+    x = x.contiguous()
+    s_n, s_c, s_h, s_w = x.stride()
+    view = x.as_strided((c, k_h, k_w, n, h - k_h + 1, w - k_w + 1),
+                        (s_c, s_h, s_w, s_n, s_h, s_w))
+    return view.reshape(c * k_h * k_w, -1)
+
+
+def conv_by_columns(layer, x):
+    """A Conv2d of stride 1, no dilation and one group as one product of its kernels with
+    the patch columns of x (padded as the layer pads): (its output, the columns). The output
+    is an (N, C, H, W) view of channel-first memory, which the update reads as it is."""
+    padding = conv_padding(layer)
+    if any(padding):
+        x = F.pad(x, padding, mode="constant" if layer.padding_mode == "zeros"
+                  else layer.padding_mode)
+    columns = patch_columns(x, layer.kernel_size)
+    out = layer.weight.flatten(1) @ columns
+    if layer.bias is not None:
+        out = out + layer.bias[:, None]
+    k_h, k_w = layer.kernel_size
+    shape = (len(out), len(x), x.shape[2] - k_h + 1, x.shape[3] - k_w + 1)
+    return out.view(shape).transpose(0, 1), columns
+
+
+def _is_2x2(pool, x):
+    """A MaxPool2d that takes the maximum of 2x2 blocks of maps of even size."""
+    return (_pair(pool.kernel_size) == (2, 2) and _pair(pool.stride or 2) == (2, 2)
+            and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1)
+            and not pool.ceil_mode and x.dim() == 4 and x.shape[2] % 2 == 0
+            and x.shape[3] % 2 == 0)
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def max_pool_2x2(maps):
+    """2x2 max-pooling of (N, C, H, W) maps of even size, as maxima of strided views (any
+    memory layout)."""
+    rows = torch.maximum(maps[:, :, 0::2], maps[:, :, 1::2])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
 def conv_weight_grad(layer, a, delta):

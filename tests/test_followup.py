@@ -9,34 +9,54 @@ import torch.nn.functional as F
 
 import main_pytorch
 import models
+import pepita
 
 SIZES = [12, 8, 6, 4]
 BATCH = 5
+KEEP = 0.8
 
 
-def small_net(seed=0):
-    model = models.FCNet(SIZES, rng=np.random.default_rng(seed)).double()
+def small_net(seed=0, keep=KEEP, normalize=None):
+    """A fully connected net, a batch, its one-hot targets, a projection B and the
+    generator of the masks."""
+    model = models.fc_net(SIZES, keep, normalize, rng=np.random.default_rng(seed)).double()
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(BATCH, SIZES[0], generator=gen, dtype=torch.float64)
     t = F.one_hot(torch.arange(BATCH) % SIZES[-1], SIZES[-1]).double()
-    F_proj = 0.3 * torch.randn(SIZES[0], SIZES[-1], generator=gen, dtype=torch.float64)
-    masks = [(torch.rand(BATCH, n, generator=gen) < 0.8).double() / 0.8 for n in SIZES[1:-1]]
-    return model, x, t, F_proj, masks
+    B = 0.3 * torch.randn(SIZES[0], SIZES[-1], generator=gen, dtype=torch.float64)
+    return model, x, t, B, gen
+
+
+def masks_drawn(gen, passes=1):
+    """The masks a rule draws from gen (as documented: per pass, per hidden layer in order,
+    Bernoulli(keep) / keep), without touching gen."""
+    copy = torch.Generator().set_state(gen.get_state())
+    return [[(torch.rand(BATCH, n, generator=copy) < KEEP).double() / KEEP
+             for n in SIZES[1:-1]] for _ in range(passes)]
+
+
+def rule_of(model, B, gen, mode):
+    return pepita.PEPITA(model, SIZES[-1], SIZES[0], B=B, generator=gen, mode=mode,
+                         batch_size=BATCH)
+
+
+def weights(model):
+    return [layer.weight.detach().clone() for layer in models.weight_layers(model)]
 
 
 def written_forward(W, x, masks):
-    """[x, h_1, ..., h_{L-1}] and y: linear -> mask -> ReLU blocks, a softmax last."""
+    """[x, h_1, ..., h_{L-1}] and y: linear -> ReLU -> mask blocks, a softmax last."""
     hs = [x]
     for w, m in zip(W[:-1], masks):
         hs.append(torch.relu(hs[-1] @ w.T) * m)
     return hs, torch.softmax(hs[-1] @ W[-1].T, dim=1)
 
 
-def written_gradients(mode, W, x, t, F_proj, masks):
+def written_gradients(mode, W, x, t, B, masks):
     """Section 7's dW of each mode, divided by the batch, written out layer by layer."""
     hs, y = written_forward(W, x, masks)
     e = y - t
-    x_mod = x - e @ F_proj.T
+    x_mod = x - e @ B.T
     hs_mod, y_mod = written_forward(W, x_mod, masks)
     grads = []
     for layer in range(len(W) - 1):
@@ -51,41 +71,45 @@ def written_gradients(mode, W, x, t, F_proj, masks):
 
 @pytest.mark.parametrize("mode", ["modulated", "forward", "mixed"])
 def test_mode_step_equals_the_written_rule(mode):
-    model, x, t, F_proj, masks = small_net()
-    W = [layer.weight.detach().clone() for layer in model.layers]
+    model, x, t, B, gen = small_net()
+    W = weights(model)
+    (masks,) = masks_drawn(gen)
     optimizer = models.make_optimizer("SGD", "ERIN", list(model.parameters()), 0.1, 0, mode)
-    models.followup_step(model, optimizer, x, t, F_proj, masks, mode, BATCH, None)
-    for layer, w, g in zip(model.layers, W, written_gradients(mode, W, x, t, F_proj, masks)):
+    rule_of(model, B, gen, mode).step(x, t.argmax(1), optimizer)
+    for layer, w, g in zip(models.weight_layers(model), W,
+                           written_gradients(mode, W, x, t, B, masks)):
         torch.testing.assert_close(layer.weight.detach(), w - 0.1 * g, rtol=1e-12, atol=1e-14)
         assert g.abs().max() > 0
 
 
 def test_time_local_steps_twice_with_the_updated_weights_and_fresh_masks():
-    model, x, t, F_proj, masks = small_net()
-    masks_2 = [m.flip(0) for m in masks]
-    W = [layer.weight.detach().clone() for layer in model.layers]
+    model, x, t, B, gen = small_net()
+    masks, masks_2 = masks_drawn(gen, passes=2)
+    W = weights(model)
     optimizer = models.make_optimizer("SGD", "ERIN", list(model.parameters()), 0.1, 0,
                                       "time_local")
-    models.followup_step(model, optimizer, x, t, F_proj, masks, "time_local", BATCH,
-                         lambda: masks_2)
+    rule = rule_of(model, B, gen, "time_local")
+    with pytest.raises(ValueError, match="call step\\(x, y, optimizer\\)"):
+        rule.step(x, t.argmax(1))
+    rule.step(x, t.argmax(1), optimizer)
     hs, y = written_forward(W, x, masks)
     W_mid = [w - 0.1 * h.T @ prev / BATCH for w, h, prev in zip(W, [*hs[1:], y], hs)]
-    x_mod = x - (y - t) @ F_proj.T  # the FIRST pass's error
+    x_mod = x - (y - t) @ B.T  # the FIRST pass's error
     hs_mod, _ = written_forward(W_mid, x_mod, masks_2)
     expected = [w + 0.1 * h.T @ prev / BATCH
                 for w, h, prev in zip(W_mid, [*hs_mod[1:], t], hs_mod)]
-    for layer, w in zip(model.layers, expected):
+    for layer, w in zip(models.weight_layers(model), expected):
         torch.testing.assert_close(layer.weight.detach(), w, rtol=1e-12, atol=1e-14)
 
 
 def test_mixed_differs_from_modulated():
     after = {}
     for mode in ("modulated", "mixed"):
-        model, x, t, F_proj, masks = small_net()
+        model, x, t, B, gen = small_net()
         optimizer = models.make_optimizer("SGD", "ERIN", list(model.parameters()), 0.1, 0,
                                           mode)
-        models.followup_step(model, optimizer, x, t, F_proj, masks, mode, BATCH, None)
-        after[mode] = [layer.weight.detach().clone() for layer in model.layers]
+        rule_of(model, B, gen, mode).step(x, t.argmax(1), optimizer)
+        after[mode] = weights(model)
     assert all((a - b).abs().max() > 1e-6 for a, b in zip(after["modulated"], after["mixed"]))
 
 
@@ -106,8 +130,7 @@ def test_weight_decay_in_both_momentum_forms():
             else:
                 v_ref = 0.9 * v_ref + g if step else g
                 w_ref = w_ref - 0.5 * v_ref
-            one_layer = SimpleNamespace(layers=[SimpleNamespace(weight=w)])
-            models.apply_factors(one_layer, optimizer, [(delta, inputs)])
+            pepita.apply_updates([(w, [(delta, inputs)])], optimizer)
         torch.testing.assert_close(w.detach(), w_ref, rtol=1e-12, atol=1e-14)
 
 
@@ -115,14 +138,12 @@ def test_normal_feedback_has_the_intended_std():
     sizes = [784, 1024, 1024, 10]
     feedback = models.normal_feedback(torch.Generator().manual_seed(0), sizes, 0.05)
     sd = models.feedback_sd(784, 0.05)
-    assert feedback.F.shape == (784, 10) and len(feedback.matrices) == 3
-    assert float(feedback.F.std()) == pytest.approx(sd, rel=0.1)
+    assert feedback.B.shape == (784, 10) and len(feedback.matrices) == 3
+    assert float(feedback.B.std()) == pytest.approx(sd, rel=0.1)
 
 
 def test_mirroring_equals_the_written_rule_and_keeps_std_of_F():
-    model, *_ = small_net()
-    model.float()
-    model.normalize = "batch"
+    model = small_net(normalize="batch")[0].float()
     gen = torch.Generator().manual_seed(3)
     feedback = models.normal_feedback(gen, SIZES, 0.05)
     before = [B.clone() for B in feedback.matrices]
@@ -131,7 +152,7 @@ def test_mirroring_equals_the_written_rule_and_keeps_std_of_F():
     models.mirror_feedback(model, feedback, gen, 16, keep, lr, wd, sd)
     gen.set_state(state)  # the same noise and masks, drawn in the same order
     expected = []
-    W = [layer.weight.detach() for layer in model.layers]
+    W = weights(model)
     for layer, B in enumerate(before):
         xi = 0.1 * torch.randn(16, B.shape[0], generator=gen)
         xi = xi - xi.mean()
@@ -147,15 +168,15 @@ def test_mirroring_equals_the_written_rule_and_keeps_std_of_F():
     scale = (sd / float(product.std())) ** (1 / 3)
     for B, B_ref in zip(feedback.matrices, expected):
         torch.testing.assert_close(B, B_ref * scale, rtol=1e-5, atol=1e-7)
-    assert float(feedback.F.std()) == pytest.approx(sd, rel=1e-5)
+    assert float(feedback.B.std()) == pytest.approx(sd, rel=1e-5)
     assert any((B - b).abs().max() > 0 for B, b in zip(feedback.matrices, before))
 
 
 def test_mirroring_aligns_each_B_with_its_W_transposed():
     torch.manual_seed(0)
-    model = models.FCNet([30, 20, 10], rng=np.random.default_rng(0))
+    model = models.fc_net([30, 20, 10], rng=np.random.default_rng(0))
     gen = torch.Generator().manual_seed(0)
-    feedback = models.normal_feedback(gen, model.sizes, 0.05)
+    feedback = models.normal_feedback(gen, models.layer_sizes(model), 0.05)
     start = models.alignment(model, feedback)["angle_layers"]
     for _ in range(300):  # the default settings of --mirror
         models.mirror_feedback(model, feedback, gen, 64, 1.0, 0.1, 0.5,
@@ -168,12 +189,14 @@ def test_mirroring_aligns_each_B_with_its_W_transposed():
 @pytest.mark.parametrize("how", ["batch", "sample"])
 def test_normalization(how):
     h = torch.rand(6, 5) + 0.1
-    out = models.normalized(h, how)
+    normalize = pepita.Normalize(how)
+    out = normalize(h)
     if how == "batch":
         assert float(out.norm()) == pytest.approx(1.0)
     else:
         torch.testing.assert_close(out.norm(dim=1), torch.ones(6))
-        torch.testing.assert_close(models.normalized(h[:2], how), out[:2])  # batch-free
+        torch.testing.assert_close(normalize(h[:2]), out[:2])  # batch-free
+    assert torch.equal(normalize(torch.zeros(2, 5)), torch.zeros(2, 5))
 
 
 def run_torch(tmp_path, data_dir, *flags):
@@ -263,23 +286,23 @@ class Progress:
 
 
 def run_epoch(args, model, x, y, epoch=0):
-    """main_pytorch.train_epoch on (x, y) with SGD at lr 0.1 and a fixed F."""
-    _, _, _, F_proj, _ = small_net()
+    """main_pytorch.train_epoch on (x, y) with SGD at lr 0.1 and a fixed B."""
+    _, _, _, B, _ = small_net()
     optimizer = models.make_optimizer("SGD", "ERIN", list(model.parameters()), 0.1, 0,
                                       args.pepita_mode)
-    generators = (torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
-    return main_pytorch.train_epoch(args, model, optimizer, models.Feedback([F_proj]),
-                                    (x, y), generators, SIZES[-1], epoch, Progress(), "test")
+    rule = rule_of(model, B, torch.Generator().manual_seed(1), args.pepita_mode)
+    return main_pytorch.train_epoch(args, model, rule, optimizer, models.Feedback([B]),
+                                    (x, y), torch.Generator().manual_seed(0), epoch,
+                                    Progress(), "test")
 
 
 @pytest.mark.parametrize("followup_loop, sizes", [(True, [BATCH, BATCH]),
                                                   (False, [BATCH, BATCH, 2])])
 def test_followup_loop_drops_the_last_partial_batch(monkeypatch, followup_loop, sizes):
     seen = []
-    step = models.followup_step
-    monkeypatch.setattr(models, "followup_step",
-                        lambda model, opt, x, *rest: seen.append(len(x)) or step(model, opt, x,
-                                                                                 *rest))
+    step = pepita.PEPITA.step
+    monkeypatch.setattr(pepita.PEPITA, "step",
+                        lambda rule, x, *rest: seen.append(len(x)) or step(rule, x, *rest))
     model = small_net()[0]
     x = torch.rand(2 * BATCH + 2, SIZES[0], dtype=torch.float64)
     run_epoch(loop_args(followup_loop=followup_loop, pepita_mode="modulated"), model, x,
@@ -304,13 +327,13 @@ def test_followup_loop_decays_one_epoch_later():
 def test_time_local_pre_mirror_epochs_take_the_clean_step_with_the_followup_loop(
         monkeypatch, followup_loop):
     monkeypatch.setattr(models, "mirror_feedback", lambda *args, **kwargs: None)
-    model, x, t, _, _ = small_net()
-    W = [layer.weight.detach().clone() for layer in model.layers]
+    model, x, t, _, _ = small_net(keep=1.0)
+    W = weights(model)
     args = loop_args(mirror=True, dropout=1.0, followup_loop=followup_loop)
     run_epoch(args, model, x, t.argmax(1), epoch=0)  # epoch 0 < pre_mirror 2
     hs, y = written_forward(W, x, [torch.ones(BATCH, n, dtype=torch.float64)
                                    for n in SIZES[1:-1]])
     expected = ([w - 0.1 * h.T @ prev / BATCH for w, h, prev in zip(W, [*hs[1:], y], hs)]
                 if followup_loop else W)
-    for layer, w in zip(model.layers, expected):
+    for layer, w in zip(models.weight_layers(model), expected):
         torch.testing.assert_close(layer.weight.detach(), w, rtol=1e-12, atol=1e-14)

@@ -1,6 +1,6 @@
-"""pepita.PEPITA: the update against by-hand per-sample computations, against the paper's nets'
-own engine (models.pepita_step), with any optimizer, without autograd, compiled, and its
-refusals."""
+"""pepita.PEPITA: the update against by-hand per-sample computations, with any optimizer,
+without autograd, compiled, and its refusals (the paper's nets through it: test_pytorch.py,
+the follow-up's modes: test_followup.py)."""
 import itertools
 
 import pytest
@@ -134,70 +134,6 @@ def test_the_conv_rule_is_conv2d_weight_of_the_modulated_input_and_the_differenc
 
 
 # ------------------------------------------------------------------------------------------
-# The paper's nets: the same update as models.pepita_step
-# ------------------------------------------------------------------------------------------
-def one_sgd_step(model, step, own_engine=False):
-    """The weights after one plain SGD step; models' engine takes the step itself."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    optimizer.zero_grad()
-    step(optimizer)
-    if not own_engine:
-        optimizer.step()
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def assert_same_update(paper, paper_step, ours, rule, x, y, atol):
-    """One SGD step of the paper's engine (paper_step(optimizer)) and of rule: the same
-    weights after it."""
-    want = one_sgd_step(paper, paper_step, own_engine=True)
-    got = one_sgd_step(ours, lambda opt: rule.step(x, y))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
-
-
-def test_the_tutorial_net_through_pepita_equals_its_own_engine():
-    paper = models.FCNet([784, 32, 10], "he_uniform")
-    ours = nn.Sequential(nn.Flatten(), nn.Linear(784, 32, bias=False), nn.ReLU(),
-                         nn.Dropout(0.1), nn.Linear(32, 10, bias=False))
-    ours[1].weight.data.copy_(paper.layers[0].weight)
-    ours[4].weight.data.copy_(paper.layers[1].weight)
-    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    rule = pepita.PEPITA(ours, 10, (1, 28, 28), Bstd=0.05, seed=5)
-    gen = torch.Generator().manual_seed(6)  # the masks: drawn alike by both
-    masks = models.draw_masks(paper, gen, 16, 0.9, "cpu")
-    rule.generator = torch.Generator().manual_seed(6)
-    assert_same_update(paper, lambda opt: models.pepita_step(
-        paper, opt, x, torch.eye(10)[y], rule.B, masks, 16), ours, rule, x, y, 1e-7)
-
-
-def test_the_conv_net_through_pepita_with_its_quirks_equals_its_own_engine():
-    paper = models.ConvNet(1, 28, 10)
-    ours = nn.Sequential(nn.Conv2d(1, 32, 5, bias=False), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(32 * 12 * 12, 10, bias=False))
-    ours.load_state_dict({"0.weight": paper.conv.weight, "4.weight": paper.fc.weight})
-    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    rule = pepita.PEPITA(ours, 10, (1, 28, 28), seed=2, conv_update="published",
-                         last_error="first")
-    assert_same_update(paper, lambda opt: models.pepita_step(
-        paper, opt, x, torch.eye(10)[y], rule.B, None, 8), ours, rule, x, y, 1e-8)
-
-
-def test_the_followup_modes_equal_the_followup_engine():
-    paper = models.FCNet([20, 8, 6, 4], "he_uniform")
-    ours = nn.Sequential(nn.Linear(20, 8, bias=False), nn.ReLU(), nn.Linear(8, 6, bias=False),
-                         nn.ReLU(), nn.Linear(6, 4, bias=False))
-    x, y = torch.rand(5, 20), torch.tensor([0, 1, 2, 3, 0])
-    for mode in ("modulated", "forward", "mixed"):
-        for layer, index in zip(paper.layers, (0, 2, 4)):
-            ours[index].weight.data.copy_(layer.weight)
-        rule = pepita.PEPITA(ours, 4, (20,), seed=1, mode=mode)
-        assert_same_update(paper, lambda opt: models.followup_step(
-            paper, opt, x, torch.eye(4)[y], rule.B, None, mode, 5, None), ours, rule, x, y,
-            1e-7)
-        paper = models.FCNet([20, 8, 6, 4], "he_uniform")
-
-
-# ------------------------------------------------------------------------------------------
 # Use: any optimizer, no autograd, reproducible, compiled, refusals
 # ------------------------------------------------------------------------------------------
 def blobs(n=512, seed=0):
@@ -229,6 +165,32 @@ def test_any_torch_optimizer_trains_a_small_cnn(make_optimizer):
             optimizer.step()
     model.eval()
     assert accuracy() > max(0.8, before + 0.3)
+
+
+def test_a_step_through_an_optimizer_equals_grad_then_its_step():
+    """step(x, y, optimizer): .grad then optimizer.step() for torch's optimizers, and the
+    factor pairs into an optimizer with step_factors (the published momentum: its first
+    step is SGD's), for weights and biases, a linear and a conv layer."""
+    x, y = torch.rand(5, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    results = []
+    for how in ("grad", "through", "factors"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3),
+                              nn.Tanh()).double()
+        start = model[0].weight.detach().clone()
+        rule = pepita.PEPITA(model, 3, (2, 6, 6), seed=0)
+        optimizer = (models.PublishedMomentum(model.parameters(), lr=0.1) if how == "factors"
+                     else torch.optim.SGD(model.parameters(), lr=0.1))
+        if how == "grad":
+            rule.step(x, y)
+            optimizer.step()
+        else:
+            rule.step(x, y, optimizer)
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert not torch.equal(results[0][0], start)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_no_backward_pass_runs_through_the_model(monkeypatch):

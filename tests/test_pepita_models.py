@@ -66,7 +66,7 @@ def sample_pass(places, v, masks, paddings):
             v, inputs[i] = conv_by_loops(m, v, paddings[i])
         elif isinstance(m, nn.Dropout):
             v = v * masks[i] if i in masks else v
-        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.Flatten)):
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, pepita.Normalize)):
             v = m(v[None])[0]
         else:  # an element-wise activation, on a copy (it may be in-place)
             v = m(v.clone())
@@ -272,6 +272,21 @@ def test_dropout_of_one_gives_zeros_as_torch_does():
     rule = assert_exact(model, places, (6,), dropout_masks=draw_like_the_docs)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert torch.equal(rule.draw_masks(2)[2], torch.zeros(2, 8, dtype=torch.float64))
+
+
+def test_the_followups_normalization_per_sample_belongs_to_the_layers_h():
+    places = [seeded(lambda: nn.Linear(6, 5)), nn.ReLU(), pepita.Normalize("sample"),
+              seeded(lambda: nn.Linear(5, 3))]
+    assert_exact(nn.Sequential(*places), places, (6,))
+
+
+def test_the_followups_normalization_over_the_batch_gives_model_x():
+    model = nn.Sequential(seeded(lambda: nn.Linear(6, 5)), nn.ReLU(), pepita.Normalize("batch"),
+                          seeded(lambda: nn.Linear(5, 3)))
+    x = torch.randn(4, 6, dtype=torch.float64)
+    rule = pepita.PEPITA(model, 3, 6, seed=0)
+    assert rule.read_at == {0: 2, 3: 3}
+    torch.testing.assert_close(rule.step(x, torch.tensor([0, 1, 2, 0])), model(x))
 
 
 def test_a_model_moved_to_another_dtype_after_the_rule_was_built():

@@ -1,6 +1,7 @@
 """The PyTorch path: updates against the published definitions, BP against autograd, the
 published commands end to end."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import datasets
 import main_pytorch
 import models
 import pepita
+from utils import UsageError
 
 README_COMMAND = ("--exp_name Experiment2 --learn_type ERIN --n_runs 1 --train_epochs 100 "
                   "--eta 0.01 --dropout 0.9 --Bstd 0.05 --eta_decay --dataset mn "
@@ -33,25 +35,35 @@ def published_conv_update(x_mod, h, h_mod, kernel, sqrt_conv):
     return dw / (positions ** 0.5 if sqrt_conv else positions)
 
 
+def published_conv_rule(model, B, sqrt_conv=False, batch_size=None):
+    """The paper's conv net as main_pytorch.py trains it: the published conv update and the
+    first pass's error for the last layer."""
+    return pepita.PEPITA(model, 10, model_input(model), B=B, last_error="first",
+                         conv_update="published", sqrt_conv=sqrt_conv, batch_size=batch_size)
+
+
+def model_input(model):
+    return (model[0].in_channels, 28, 28) if model[0].in_channels == 1 else (3, 32, 32)
+
+
 @pytest.mark.parametrize("channels,size,sqrt_conv", [(1, 28, False), (1, 28, True),
                                                      (3, 32, False)])
 def test_conv_update_equals_published_loop(channels, size, sqrt_conv):
     torch.manual_seed(0)
-    model = models.ConvNet(channels, size, 10).double()
+    model = models.build_model(f"Net1conv1fcXL{'_cif' if channels == 3 else ''}",
+                               (channels, size, size), 10).double()
     x = torch.rand(4, channels, size, size, dtype=torch.float64)
-    target = F.one_hot(torch.tensor([1, 3, 5, 7]), 10).double()
+    y = torch.tensor([1, 3, 5, 7])
+    target = F.one_hot(y, 10).double()
     B = pepita.projection_matrix(torch.Generator().manual_seed(1), channels * size * size,
                                  10).double()
+    _, grads = published_conv_rule(model, B, sqrt_conv).compute(x, y, {})
+    grads = [grad for _, grad in grads]
+    conv, fc = model[0], model[4]
     with torch.no_grad():
-        first = model(x)
-        e = first[0] - target
+        e = F.softmax(fc(F.max_pool2d(F.relu(conv(x)), 2).flatten(1)), dim=1) - target
         x_mod = x + (e @ B.T).view_as(x)
-        second = model(x_mod)
-        factors = model.pepita_factors(first, second, e, second[0] - target, batch_size=4,
-                                       sqrt_conv=sqrt_conv)
-        grads = [(delta.T @ inputs).view_as(layer.weight)
-                 for (delta, inputs), layer in zip(factors, model.layers)]
-        h, h_mod = (F.relu(F.conv2d(inp, model.conv.weight)) for inp in (x, x_mod))
+        h, h_mod = (F.relu(F.conv2d(inp, conv.weight)) for inp in (x, x_mod))
         expected = published_conv_update(x_mod, h, h_mod, 5, sqrt_conv)
         pooled_mod = F.max_pool2d(h_mod, 2).flatten(1)
     # published: W += eta * dW / batch_size, so the gradient (W -= eta g) is -dW / batch_size
@@ -60,45 +72,65 @@ def test_conv_update_equals_published_loop(channels, size, sqrt_conv):
     assert grads[0].abs().max() > 0
 
 
-def test_conv_forward_equals_conv2d_and_max_pool():
+def test_a_last_partial_batch_is_divided_by_the_nominal_batch_size():
+    """As published: the fc update e^T pooled' / batch_size and the conv update's
+    1 / (n * positions * batch_size), n the batch's own size."""
     torch.manual_seed(0)
-    model = models.ConvNet(3, 32, 10)
+    model = models.build_model("Net1conv1fcXL", (1, 28, 28), 10).double()
+    B = pepita.projection_matrix(torch.Generator().manual_seed(1), 784, 10).double()
+    x, y = torch.rand(3, 1, 28, 28, dtype=torch.float64), torch.tensor([1, 2, 3])
+    own = [g for _, g in published_conv_rule(model, B).compute(x, y, {})[1]]
+    nominal = [g for _, g in published_conv_rule(model, B, batch_size=50).compute(x, y,
+                                                                                  {})[1]]
+    for a, b in zip(nominal, own):
+        torch.testing.assert_close(a, b * 3 / 50, rtol=1e-10, atol=1e-18)
+
+
+def test_the_conv_nets_fast_forward_equals_conv2d_and_max_pool():
+    """pepita's conv by patch columns and its 2x2 pooling by strided maxima, on the paper's
+    conv net, against torch's own modules."""
+    torch.manual_seed(0)
+    model = models.build_model("Net1conv1fcXL_cif", (3, 32, 32), 10)
+    rule = published_conv_rule(model, torch.zeros(3072, 10))
+    assert rule.by_columns == {0} and rule.pool_2x2 == {2}
     x = torch.rand(5, 3, 32, 32)
     with torch.no_grad():
-        out, (_, features, pooled) = model(x)
-        expected = F.max_pool2d(F.relu(model.conv(x)), 2).flatten(1)
-    torch.testing.assert_close(pooled, expected)
-    torch.testing.assert_close(out, F.softmax(model.fc(expected), dim=1))
+        logits, inputs, outputs = rule.forward(x, {})
+        torch.testing.assert_close(outputs[0], F.relu(model[0](x)))
+        torch.testing.assert_close(inputs[4], F.max_pool2d(F.relu(model[0](x)), 2).flatten(1))
+        torch.testing.assert_close(logits, model(x))
 
 
 def test_fc_pepita_step_equals_layer_formulas():
-    """One step of NetFC1x1024DOcust (momentum, first step: W -= eta g) against the
-    reference's per-layer formulas, with the dropout masks shared by both passes."""
+    """One step of NetFC1x1024DOcust (the published momentum, first step: W -= eta g)
+    against the reference's per-layer formulas, with the dropout masks shared by both
+    passes, drawn from the run's generator after B."""
     rng = np.random.default_rng(0)
-    model = models.build_model("NetFC1x1024DOcust", (1, 28, 28), 10, "he_uniform", rng)
-    W1, W2 = (layer.weight.detach().clone() for layer in model.layers)
+    model = models.build_model("NetFC1x1024DOcust", (1, 28, 28), 10, "he_uniform", rng,
+                               keep=0.9)
+    W1, W2 = (layer.weight.detach().clone() for layer in models.weight_layers(model))
     x = torch.rand(8, 1, 28, 28)
     y = torch.arange(8) % 10
     t = F.one_hot(y, 10).float()
     gen = torch.Generator().manual_seed(3)
     B = pepita.projection_matrix(gen, 784, 10)
-    masks = models.draw_masks(model, gen, 8, 0.9, "cpu")
-    assert masks[0].shape == (8, 1024)
-    torch.testing.assert_close(masks[0].unique(), torch.tensor([0, 1 / 0.9]))
-    weights = [layer.weight for layer in model.layers]
-    optimizer = models.make_optimizer("mom", "ERIN", weights, 0.01)
-    models.pepita_step(model, optimizer, x, t, B, masks, batch_size=8)
+    mask_gen = torch.Generator().set_state(gen.get_state())
+    mask = (torch.rand(8, 1024, generator=mask_gen) < 0.9).float() / 0.9
+    torch.testing.assert_close(mask.unique(), torch.tensor([0, 1 / 0.9]))
+    optimizer = models.make_optimizer("mom", "ERIN", [W for W in model.parameters()], 0.01)
+    rule = pepita.PEPITA(model, 10, (1, 28, 28), B=B, generator=gen, batch_size=8)
+    rule.step(x, y, optimizer)
 
     xf = x.flatten(1)
-    h = F.relu(xf @ W1.T) * masks[0]
+    h = F.relu(xf @ W1.T) * mask
     e = F.softmax(h @ W2.T, dim=1) - t
     x_mod = xf + e @ B.T
-    h_mod = F.relu(x_mod @ W1.T) * masks[0]
+    h_mod = F.relu(x_mod @ W1.T) * mask
     e_mod = F.softmax(h_mod @ W2.T, dim=1) - t
     dW1 = -(h - h_mod).T @ x_mod
     dW2 = -e_mod.T @ h_mod
-    torch.testing.assert_close(model.layers[0].weight, W1 + 0.01 * dW1 / 8)
-    torch.testing.assert_close(model.layers[1].weight, W2 + 0.01 * dW2 / 8)
+    torch.testing.assert_close(model[1].weight, W1 + 0.01 * dW1 / 8)
+    torch.testing.assert_close(model[4].weight, W2 + 0.01 * dW2 / 8)
 
 
 def test_published_momentum_keeps_velocity_across_learning_rate_changes():
@@ -106,9 +138,19 @@ def test_published_momentum_keeps_velocity_across_learning_rate_changes():
     opt = models.PublishedMomentum([w], lr=1.0)
     for lr in (1.0, 0.1):
         opt.param_groups[0]["lr"] = lr
-        opt.step_factors([(w, (torch.ones(1, 1), torch.ones(1, 1)))])
+        opt.step_factors([(w, [(torch.ones(1, 1), torch.ones(1, 1))])])
     # V1 = 1, W1 = -1; V2 = 0.9 + 0.1 = 1.0, W2 = -2
     assert w.item() == pytest.approx(-2.0)
+
+
+def test_published_momentum_takes_formed_terms_too():
+    """A term that is a tensor (a conv update by conv2d_weight, a bias) adds as it is."""
+    w = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float64))
+    opt = models.PublishedMomentum([w], lr=0.5)
+    delta, inputs = torch.ones(4, 2, dtype=torch.float64), torch.ones(4, 3, dtype=torch.float64)
+    opt.step_factors([(w, [(delta, inputs), torch.full((2, 3), 2.0, dtype=torch.float64)])])
+    torch.testing.assert_close(w.detach(), torch.full((2, 3), -0.5 * (4 + 2.0),
+                                                      dtype=torch.float64))
 
 
 def test_published_momentum_over_many_steps_and_a_resume():
@@ -129,38 +171,39 @@ def test_published_momentum_over_many_steps_and_a_resume():
         if step == 700:
             opt.param_groups[0]["lr"] = 0.01
         delta, inputs = (torch.randn(4, k, generator=gen) for k in (6, 5))
-        opt.step_factors([(w, (delta, inputs))])
+        opt.step_factors([(w, [(delta, inputs)])])
         v_ref = 0.9 * v_ref + opt.param_groups[0]["lr"] * delta.double().T @ inputs.double()
         w_ref -= v_ref
     torch.testing.assert_close(w.detach().double(), w_ref, rtol=1e-4,
                                atol=1e-4 * float(w_ref.abs().max()))
 
 
-@pytest.mark.parametrize("update", ["SGD", "mom", "adam"])
-def test_bp_step_equals_autograd_on_reference_model(update):
-    """BP through our patch-column convolution equals autograd through F.conv2d/max_pool2d."""
-    torch.manual_seed(0)
-    model = models.ConvNet(1, 28, 10)
-    reference = models.ConvNet(1, 28, 10)
-    reference.load_state_dict(model.state_dict())
-    x, y = torch.rand(6, 1, 28, 28), torch.arange(6)
-    opt = models.make_optimizer(update, "BP", list(model.parameters()), 0.1)
-    ref_opt = {"SGD": lambda p: torch.optim.SGD(p, lr=0.1),
-               "mom": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-               "adam": lambda p: torch.optim.Adam(p, lr=0.1)}[update](
-        list(reference.parameters()))
-    for _ in range(2):
-        loss = F.cross_entropy(model(x, logits=True)[0], y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ref_logits = reference.fc(F.max_pool2d(F.relu(reference.conv(x)), 2).flatten(1))
-        ref_loss = F.cross_entropy(ref_logits, y)
-        ref_opt.zero_grad()
-        ref_loss.backward()
-        ref_opt.step()
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+def test_an_old_bp_checkpoint_with_dropout_is_refused_in_one_line():
+    """BP's dropout masks came from the run's generator before the nets were
+    nn.Sequentials; they come from torch's now: such a run cannot resume exactly."""
+    args = SimpleNamespace(learn_type="BP", dropout=0.9, model="NetFC1x1024DOcust")
+    with pytest.raises(UsageError, match="cannot resume exactly; start again with "
+                                         "--overwrite"):
+        main_pytorch.check_resumable(args, "checkpoint.pt", {"model": {}})
+    main_pytorch.check_resumable(args, "checkpoint.pt", {main_pytorch.TORCH_RNG_KEY: []})
+    main_pytorch.check_resumable(SimpleNamespace(**{**vars(args), "learn_type": "ERIN"}),
+                                 "checkpoint.pt", {"model": {}})
+
+
+def test_an_old_layout_checkpoint_loads_into_the_sequential_nets():
+    """The nets were modules of their own (FCNet: layers.<i>.weight; ConvNet: conv.weight,
+    fc.weight) before they were nn.Sequentials: their weights load in order."""
+    conv = models.build_model("Net1conv1fcXL", (1, 28, 28), 10)
+    old = {"conv.weight": torch.ones(32, 1, 5, 5), "fc.weight": torch.full((10, 4608), 2.0)}
+    models.load_weights(conv, old)
+    assert torch.equal(conv[0].weight, old["conv.weight"])
+    assert torch.equal(conv[4].weight, old["fc.weight"])
+    fc = models.build_model("NetFC", (1, 28, 28), 10, hidden=[8, 6])
+    models.load_weights(fc, {f"layers.{i}.weight": w.detach() * 0 + i for i, w in
+                             enumerate(fc.parameters())})
+    assert [float(w.detach().mean()) for w in fc.parameters()] == [0.0, 1.0, 2.0]
+    with pytest.raises(KeyError):
+        models.load_weights(fc, {"layers.0.weight": torch.zeros(8, 784)})
 
 
 def run_torch(tmp_path, data_dir, *flags):
@@ -209,10 +252,10 @@ def test_freeze_conv_keeps_the_conv_fixed(tmp_path, mnist_dir):
     folder = run_torch(tmp_path, mnist_dir, "--dataset", "mn", "--train_epochs", "1",
                        "--seed", "1", "--model", "Net1conv1fcXL", "--freeze_conv")
     torch.manual_seed(int(np.random.SeedSequence(1).spawn(2)[1].generate_state(3)[0]))
-    initial = models.ConvNet(1, 28, 10)
+    initial = models.build_model("Net1conv1fcXL", (1, 28, 28), 10)
     saved = torch.load(folder / "weights_run0.pt", weights_only=True)["model"]
-    assert torch.equal(saved["conv.weight"], initial.conv.weight)
-    assert not torch.equal(saved["fc.weight"], initial.fc.weight)
+    assert torch.equal(saved["0.weight"], initial[0].weight)
+    assert not torch.equal(saved["4.weight"], initial[4].weight)
 
 
 def test_tutorial_model_on_cifar_shaped_data(tmp_path, cifar_dir):
