@@ -537,7 +537,8 @@ def record_alignment(args, history, model, feedback):
     model (before training and after every epoch)."""
     if args.check_cos_norm:
         history["angles"][-1].append(models.alignment_angle(model, feedback.B))
-        history["norms"][-1].append(float(models.weight_layers(model)[0].weight.detach().norm()))
+        first = models.weight_layers(model)[0].weight
+        history["norms"][-1].append(float(first.detach().norm()))
     if args.learn_type == "ERIN" and args.model.startswith("NetFC"):
         history["alignment"][-1].append(models.alignment(model, feedback))
 

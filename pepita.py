@@ -20,8 +20,9 @@ One step (Dellaferrera & Kreiman, ICML 2022):
     last layer:      g_L = e'^T a'_L / batch
 
 h_l is the layer's output after the modules right after it that act on it alone (its
-activation, dropout and normalization; the layer's own output if none follows). A conv layer takes the same rule: g is the
-correlation of a' (padded as the layer pads) with (h - h'). The last weight layer may be
+activation, dropout and normalization; the layer's own output if none follows). A conv
+layer takes the same rule: g is the correlation of a' (padded as the layer pads) with
+(h - h'). The last weight layer may be
 followed only by element-wise modules and nn.Flatten: its error is e reshaped to its output.
 Biases take the rule with an input of ones. `step` writes g into each parameter's .grad and
 changes no weight: any torch.optim optimizer, scheduler, weight decay or clipping applies it.
