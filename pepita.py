@@ -22,9 +22,8 @@ One step (Dellaferrera & Kreiman, ICML 2022):
 h_l is the layer's output after the modules right after it that act on it alone (its
 activation, dropout and normalization; the layer's own output if none follows). A conv
 layer takes the same rule: g is the correlation of a' (padded as the layer pads) with
-(h - h'). The last weight layer may be
-followed only by element-wise modules and nn.Flatten: its error is e reshaped to its output.
-Biases take the rule with an input of ones. `step` writes g into each parameter's .grad and
+(h - h'). The last weight layer may be followed only by element-wise modules and
+nn.Flatten: its error is e reshaped to its output. Biases take the rule with an input of ones. `step` writes g into each parameter's .grad and
 changes no weight: any torch.optim optimizer, scheduler, weight decay or clipping applies it.
 Each nn.Dropout in training mode (its own .training) draws one mask per sample and step, the
 same in both passes.
