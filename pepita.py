@@ -165,11 +165,15 @@ def _check_leaf(index, name, module):
                         "tuple; use MaxPool2d without it")
 
 
+def _global_hooks():
+    return (torch.nn.modules.module._global_forward_hooks
+            or torch.nn.modules.module._global_forward_pre_hooks)
+
+
 def check_no_hooks(model):
     """Forward hooks would fire as in model(x) for some modules only (step computes the
     shared first product and the dropout itself): refused, naming the first one."""
-    if (torch.nn.modules.module._global_forward_hooks
-            or torch.nn.modules.module._global_forward_pre_hooks):
+    if _global_hooks():
         raise TypeError("pepita.PEPITA: a global forward hook is registered "
                         "(register_module_forward_hook); step runs the layers itself, so it "
                         "would not fire as in model(x): remove it while training")
@@ -207,6 +211,7 @@ class PEPITA:
         self.model = model
         leaves = flat_modules(model)
         check_no_hooks(model)
+        self._modules = list(model.modules())
         self.layers = [module for _, module in leaves]
         self.n_classes = _positive_int("n_classes", n_classes)
         self.input_shape = _shape(input_shape)
@@ -355,7 +360,9 @@ class PEPITA:
         return self.forward(x, self.draw_masks(len(x)))[0]
 
     def _ready(self, x, y):
-        check_no_hooks(self.model)
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self._modules) \
+                or _global_hooks():
+            check_no_hooks(self.model)  # names the hook
         self._follow_model()
         self._check(x, y)
 
@@ -518,15 +525,15 @@ class PEPITA:
         for delta, a in pairs:
             delta = delta * scale
             if index in self.by_columns:  # a holds the patch columns (C k k, N positions)
-                maps = delta.transpose(0, 1).reshape(delta.shape[1], -1)
-                weight_terms.append((maps.T, a.T))
-                bias_terms.append(maps.sum(1))
+                delta = delta.transpose(0, 1).reshape(delta.shape[1], -1).T
+                weight_terms.append((delta, a.T))
             elif isinstance(layer, nn.Conv2d):
                 weight_terms.append(conv_weight_grad(layer, a, delta))
-                bias_terms.append(delta.sum((0, 2, 3)))
+                delta = delta.transpose(0, 1).reshape(delta.shape[1], -1).T
             else:
                 delta = delta.reshape(-1, delta.shape[-1])
                 weight_terms.append((delta, a.reshape(-1, a.shape[-1])))
+            if layer.bias is not None:
                 bias_terms.append(delta.sum(0))
         updates = [(layer.weight, weight_terms)]
         if layer.bias is not None:
