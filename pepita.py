@@ -349,6 +349,9 @@ class PEPITA:
     def clean_step(self, x, y, optimizer):
         """time_local's first half alone (the clean pass and its step): the follow-up's
         trainer takes it in the epochs where the forward weights are otherwise not trained."""
+        if self.mode != "time_local":
+            raise ValueError(f"pepita.PEPITA.clean_step is time_local's first half; this rule's "
+                             f"mode is {self.mode!r}: call step")
         self._ready(x, y)
         with torch.inference_mode(False):
             return self._time_local_step(x, y, optimizer, clean_only=True)

@@ -91,6 +91,8 @@ def test_time_local_steps_twice_with_the_updated_weights_and_fresh_masks():
     rule = rule_of(model, B, gen, "time_local")
     with pytest.raises(ValueError, match="call step\\(x, y, optimizer\\)"):
         rule.step(x, t.argmax(1))
+    with pytest.raises(ValueError, match="time_local's first half; this rule's mode is"):
+        rule_of(model, B, gen, "modulated").clean_step(x, t.argmax(1), optimizer)
     rule.step(x, t.argmax(1), optimizer)
     hs, y = written_forward(W, x, masks)
     W_mid = [w - 0.1 * h.T @ prev / BATCH for w, h, prev in zip(W, [*hs[1:], y], hs)]
