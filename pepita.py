@@ -180,9 +180,9 @@ def check_no_hooks(model):
     for name, module in model.named_modules():
         if module._forward_hooks or module._forward_pre_hooks:
             raise TypeError(f"pepita.PEPITA: {name or 'the model'} ({type(module).__name__}) "
-                            "has a forward "
-                            "hook; step runs the layers itself, so it would not fire as in "
-                            "model(x): remove it while training (keep its handle's .remove())")
+                            "has a forward hook; step runs the layers itself, so it would not "
+                            "fire as in model(x): remove it while training (keep its handle's "
+                            ".remove())")
 
 
 # ------------------------------------------------------------------------------------------

@@ -541,11 +541,12 @@ METRICS_KEYS = ("loss", "train", "val", "test", "final_train", "final_val", "fin
 
 
 def git_commit():
-    """The commit of the code that runs (with "-dirty" for uncommitted changes); in a copy
-    made by `git archive` (a sweep's code, README), the commit that git wrote into
-    .git_archival.txt; else None."""
+    """The commit of the code that runs: in a copy made by `git archive` (a sweep's code,
+    README), the commit that git wrote into .git_archival.txt (first: such a copy may lie
+    inside another repository's folder); else the checkout's (with "-dirty" for uncommitted
+    changes); else None."""
     if not hasattr(git_commit, "value"):
-        git_commit.value = checkout_commit() or archived_commit()
+        git_commit.value = archived_commit() or checkout_commit()
     return git_commit.value
 
 
