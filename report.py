@@ -39,13 +39,13 @@ def other_std(code, path, rule):
     return paper.OTHER_STDS.get((code, net_kind(path), rule))
 
 
-def distance_text(mean, value, std_elsewhere=None):
-    """The distance to the paper's value in its std, and in the other copy's std when there
-    is one: '-1.7; -2.7 **(> 2)** with std 0.32'."""
-    text = format_distance((mean - value[0]) / value[1])
-    if std_elsewhere:
-        text += f"; {format_distance((mean - value[0]) / std_elsewhere)} with std " \
-                f"{std_elsewhere:.2f}"
+def distance_text(row):
+    """A table row's distance to the paper's value in its std, and in the other copy's std
+    when there is one: '-1.7; -2.8 **(> 2)** with std 0.32'."""
+    text = format_distance(row["distance"])
+    if row.get("other_std"):
+        elsewhere = (row["mean"] - row["paper"][0]) / row["other_std"]
+        text += f"; {format_distance(elsewhere)} with std {row['other_std']:.2f}"
     return text
 
 
@@ -242,8 +242,7 @@ def table_markdown(rows):
              + ("---|" if with_angle else "")]
     for row in rows:
         paper = f"{row['paper'][0]:.2f} ± {row['paper'][1]:.2f}" if row["paper"] else "–"
-        distance = "–" if row["paper"] is None else distance_text(row["mean"], row["paper"],
-                                                                   row.get("other_std"))
+        distance = "–" if row["distance"] is None else distance_text(row)
         fit = (f"{row['slowness']:.4f} | {row['acc_max']:.2f}" if row["slowness"] is not None
                else "– | –")
         label = row["path"] + (f" {row['variant']}" if row["variant"] else "")
