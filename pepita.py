@@ -360,9 +360,10 @@ class PEPITA:
     def logits(self, x):
         """The first pass's logits without an update, its masks drawn as a step draws them
         (so that a loop that skips updates keeps the masks of the later steps)."""
+        self._ready(x)
         return self.forward(x, self.draw_masks(len(x)))[0]
 
-    def _ready(self, x, y):
+    def _ready(self, x, y=None):
         if any(m._forward_hooks or m._forward_pre_hooks for m in self._modules) \
                 or _global_hooks():
             check_no_hooks(self.model)  # names the hook
@@ -544,8 +545,9 @@ class PEPITA:
         return updates
 
     def _check(self, x, y):
+        """x, and y unless it is None (logits takes no labels)."""
         weight = self.layers[self.first].weight
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        if not isinstance(x, torch.Tensor) or not isinstance(y, (torch.Tensor, type(None))):
             wrong = "x" if not isinstance(x, torch.Tensor) else "y"
             raise ValueError(f"pepita.PEPITA.step: {wrong} is a "
                              f"{type(x if wrong == 'x' else y).__name__}; expected a tensor "
@@ -560,6 +562,8 @@ class PEPITA:
             raise ValueError(f"pepita.PEPITA.step: x is {x.dtype} on {x.device}, the model "
                              f"{weight.dtype} on {weight.device} (model(x) would refuse it "
                              f"too): convert it, x.to({weight.device.type!r}, {weight.dtype})")
+        if y is None:
+            return
         if y.shape != (len(x),) or y.dtype.is_floating_point or y.dtype.is_complex \
                 or y.dtype == torch.bool:
             raise ValueError(f"pepita.PEPITA.step: y has shape {tuple(y.shape)} and type "

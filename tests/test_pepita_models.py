@@ -450,6 +450,9 @@ def test_bad_batches_are_refused_in_one_line(x, y, words):
     with pytest.raises(ValueError, match=words) as err:
         rule.step(x, y)
     assert "\n" not in str(err.value)
+    if not words.startswith("y "):  # logits(x) takes no labels: the same checks of x
+        with pytest.raises(ValueError, match=words):
+            rule.logits(x)
 
 
 # ------------------------------------------------------------------------------------------
