@@ -61,11 +61,21 @@ def signals_stop():
     before, and no signal remembered."""
     handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT,
                                                                      signal.SIGTERM)}
+    earlier_hook = sys.unraisablehook
+
+    def quiet_lost_stop(unraisable):
+        # a signal's KeyboardInterrupt raised where Python only reports exceptions (a
+        # weakref's callback): no traceback; Run.epoch_done stops at the epoch's end
+        if not (SIGNALLED and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            earlier_hook(unraisable)
+
+    sys.unraisablehook = quiet_lost_stop
     try:
         yield
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+        sys.unraisablehook = earlier_hook
         SIGNALLED.clear()
 
 
@@ -499,9 +509,12 @@ class Run:
 
     def epoch_done(self, run, epoch, payload):
         """After each epoch: the checkpoint (everything an exact resume needs), then the
-        results so far."""
+        results so far; then the stop of a signal whose KeyboardInterrupt was lost (raised
+        inside a callback that Python ignores exceptions of, such as a weakref's)."""
         self.save(run, epoch, payload)
         self.write_results()
+        if SIGNALLED:
+            raise KeyboardInterrupt
 
     def run_done(self, run):
         """After run `run`: its results, and the checkpoint that starts the next one."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from conftest import ROOT, synthetic_images, write_idx
 from test_faults import (NUMPY_JOB, TORCH_JOB, exit_status, results_dir, run,
                          same_results, snapshot)
 
+import functions
 import main
 import main_pytorch
 import protocol
@@ -111,6 +113,36 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, mnist_dir, entry, job
     del before[main_module(entry).ENGINE.checkpoint]
     assert run(entry, [*job, "--resume"], mnist_dir, tmp_path) == 0
     assert files(folder) == before
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("entry,job", ENTRIES)
+def test_a_signal_whose_interrupt_python_lost_stops_at_the_epochs_end(
+        tmp_path, mnist_dir, entry, job, monkeypatch, capsys):
+    """A SIGTERM that lands in a weakref's callback: Python reports its KeyboardInterrupt
+    instead of raising it. No traceback; the run stops after the epoch, which resumes."""
+    module = functions if entry is main.main else main_pytorch  # where each epoch runs
+    real_epoch = module.train_epoch
+
+    def epoch_with_a_lost_signal(*args, **kwargs):
+        result = real_epoch(*args, **kwargs)
+        protocol.SIGNALLED.append(signal.SIGTERM)
+        victim = type("Victim", (), {})()
+        lost = weakref.ref(victim, lambda ref: protocol.stop(signal.SIGTERM, None))
+        del victim
+        assert lost() is None
+        return result
+
+    monkeypatch.setattr(module, "train_epoch", epoch_with_a_lost_signal)
+    with pytest.raises(SystemExit) as exit_info:
+        run(entry, job, mnist_dir, tmp_path)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 143 and "Traceback" not in err
+    assert "interrupted by SIGTERM" in err.strip().splitlines()[-1]
+    folder = results_dir(tmp_path)
+    assert len(json.loads((folder / "metrics.json").read_text())["epoch_time_s"][0]) == 1
+    monkeypatch.setattr(module, "train_epoch", real_epoch)
+    assert run(entry, [*job, "--resume"], mnist_dir, tmp_path) == 0
 
 
 @pytest.mark.parametrize("script,job", [("main.py", NUMPY_JOB), ("main_pytorch.py", TORCH_JOB)])

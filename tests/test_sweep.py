@@ -348,7 +348,8 @@ def test_a_second_sweep_adds_its_rows_to_the_collected_ones(tmp_path, paper_resu
     assert curves[("ERIN", "numpy", "")] == {"0": [90.0, 97.0]}  # replaced, not mixed
     assert len(curves[("FA", "numpy", "")]["0"]) == 100
     readme = (folder / "README.md").read_text()
-    for words in ("--collect " + str(tmp_path / "first"), "--only 'numpy_BP_*'",
+    for words in ("--collect " + report.display_path(str(tmp_path / "first")),
+                  "--only 'numpy_BP_*'",
                   "--paper mnist --seeds 3"):  # the commands of both sweeps and the committed
         assert words in readme
 
