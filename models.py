@@ -16,9 +16,8 @@ from torch import nn
 
 import pepita
 import utils
+from pepita import WEIGHTED
 from utils import UsageError, init_weight
-
-WEIGHTED = (nn.Linear, nn.Conv2d)
 
 
 def fc_net(sizes, keep=1.0, normalize=None, w_init="he_uniform", rng=None):
